@@ -1,0 +1,93 @@
+"""Evaluate BatchNorm test-time adaptation on a corrupted benchmark (docs/evaluation.md).
+
+    python scripts/evaluate.py dataset=fashion_mnist adapt=blend adapt.prior=16 stream=reset \
+        corruption.names=[fog,contrast] corruption.severities=[5] num_examples=1000 \
+        batch_size=64 hydra.run.dir=outputs/example
+    python scripts/evaluate.py -m adapt=source,batch,blend adapt.prior=1,4,16,64 batch_size=1,8,64
+
+Writes results.json and results.csv into the job's Hydra output directory, or error.json
+when the job fails (in a multirun the other jobs go on).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+try:
+    import tta  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from tta.evaluation.pipeline import run_benchmark
+from tta.evaluation.results import write_error
+
+logger = logging.getLogger("evaluate")
+
+# options that change how a job runs, not what it measures: left out of the stored config,
+# so changing them does not invalidate finished results
+RUN_OPTIONS = ("force", "progress", "num_threads", "device", "cache_dir")
+
+
+def protocol_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the run options: what results.json records and what a
+    re-run compares to decide whether a job is already done."""
+    config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    return {k: v for k, v in config.items() if k not in RUN_OPTIONS}
+
+
+def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Maps the config onto :func:`tta.evaluation.run_benchmark`'s plain arguments."""
+    adapt = {k: v for k, v in OmegaConf.to_container(cfg.adapt, resolve=True).items() if k != "name"}
+    stream = {k: v for k, v in OmegaConf.to_container(cfg.stream, resolve=True).items() if k != "name"}
+    d, m, c = cfg.dataset, cfg.model, cfg.corruption
+    cache_dir = None if cfg.cache_dir is None else Path(cfg.cache_dir).expanduser().resolve()
+    return run_benchmark(
+        output_dir,
+        dataset=d.name, dataset_root=d.root, dataset_split=d.split,
+        dataset_kwargs=OmegaConf.to_container(d.kwargs, resolve=True),
+        precorrupted=d.precorrupted, clean_dataset=d.clean,
+        model=m.name, pretrained=m.pretrained, weights=m.weights,
+        model_kwargs={"num_classes": m.num_classes, "in_channels": m.in_channels,
+                      **OmegaConf.to_container(m.kwargs, resolve=True)},
+        corruptions=list(c.names), severities=list(c.severities), preset=c.preset,
+        method=cfg.adapt.name, method_params=adapt, stream=cfg.stream.name, stream_params=stream,
+        batch_size=cfg.batch_size, num_examples=cfg.num_examples, seed=cfg.seed,
+        device=cfg.device, num_threads=cfg.num_threads, cache_dir=cache_dir,
+        baseline=cfg.baseline, force=cfg.force, progress=cfg.progress,
+        config=protocol_config(cfg),
+    )
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> dict[str, Any] | None:
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        results = run(cfg, output_dir)
+    except Exception as error:  # recorded, so that one failing job does not stop a sweep
+        try:
+            config = protocol_config(cfg)
+        except Exception:
+            config = None
+        write_error(output_dir, error, config)
+        logger.error("job failed (%s: %s); recorded in %s", type(error).__name__, error,
+                     output_dir / "error.json")
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return None
+        raise
+    mean = results["mean"]
+    print(f"{results['method']} / {results['stream']}: accuracy {100 * mean['accuracy']:.2f}% "
+          f"(source {100 * mean['source_accuracy']:.2f}%, recovered "
+          f"{100 * mean['recovered']:+.2f} points) -> {output_dir / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Tables and plots over finished evaluation runs (docs/evaluation.md#reports).
+
+    python scripts/report.py RUN_OR_SWEEP_DIR... --out DIR
+
+Writes DIR/report.md, DIR/report.csv and PNG plots (recovered_heatmap.png,
+accuracy_vs_severity.png, prior_batch_grid.png when a sweep varied blend's prior and the
+batch size), then prints the recovered-accuracy table.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    import tta  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tta.evaluation.report import write_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR",
+                        help="run or sweep directories (searched for results.json)")
+    parser.add_argument("--out", required=True, help="directory for the report files")
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.paths, args.out, plots=not args.no_plots)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    print(f"Accuracy recovered over the source model (percentage points), "
+          f"{len(report['runs'])} run(s):\n")
+    print(report["recovered"])
+    if report["errors"]:
+        print(f"\n{len(report['errors'])} failed job(s), see the report.")
+    print("\nReport and plots:")
+    for path in report["files"]:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

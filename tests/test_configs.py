@@ -1,0 +1,121 @@
+"""Every config composes; every config group member names a registered component and every
+registered component has a config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+
+import tta
+from tta.evaluation import get_method, get_stream, list_methods, list_streams
+from tta.evaluation.pipeline import check_cells
+from tta.models.shipped import PRETRAINED
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def members(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def hydra_conf():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="test"):
+        yield
+
+
+def load(group: str, member: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONF / group / f"{member}.yaml"))
+
+
+def test_defaults_compose_to_the_embedded_benchmark(hydra_conf):
+    cfg = compose(config_name="evaluate")
+    assert cfg.dataset.name == "fashion_mnist" and cfg.model.pretrained == "fashion_mnist"
+    assert list(cfg.corruption.names) == list(tta.CORRUPTIONS)
+    assert list(cfg.corruption.severities) == [1, 2, 3, 4, 5]
+    assert cfg.adapt.name == "source" and cfg.stream.name == "reset"
+    assert cfg.model.in_channels == 1 and cfg.model.num_classes == 10  # from the dataset
+
+
+def test_the_fixed_command_line_composes(hydra_conf):
+    cfg = compose(config_name="evaluate", overrides=[
+        "dataset=fashion_mnist", "adapt=blend", "adapt.prior=16", "stream=reset",
+        "corruption.names=[fog,contrast]", "corruption.severities=[5]", "num_examples=1000",
+        "batch_size=64"])
+    assert cfg.adapt.prior == 16 and list(cfg.corruption.names) == ["fog", "contrast"]
+    assert cfg.num_examples == 1000 and cfg.batch_size == 64
+
+
+@pytest.mark.parametrize("group", ["dataset", "model", "corruption", "adapt", "stream"])
+def test_every_member_composes(hydra_conf, group):
+    for member in members(group):
+        overrides = [f"{group}={member}"]
+        if group == "dataset" and load("dataset", member)["num_classes"] == "???":
+            overrides.append("dataset.num_classes=3")
+        cfg = compose(config_name="evaluate", overrides=overrides)
+        OmegaConf.to_container(cfg[group], resolve=True)  # interpolations resolve
+
+
+def test_adapt_configs_match_the_method_registry():
+    assert members("adapt") == sorted(list_methods())
+    for name in list_methods():
+        config = load("adapt", name)
+        assert config.pop("name") == name
+        method = get_method(name)
+        assert set(config) == set(method.defaults)
+        assert method.params(config) == config  # valid, and the defaults agree
+        assert config == dict(method.defaults)
+
+
+def test_stream_configs_match_the_stream_registry():
+    assert members("stream") == sorted(list_streams())
+    for name in list_streams():
+        config = load("stream", name)
+        assert config.pop("name") == name
+        assert get_stream(name).params(config) == config == dict(get_stream(name).defaults)
+
+
+def test_dataset_configs_match_the_dataset_registry():
+    assert members("dataset") == sorted(tta.data.list_datasets())
+    for name in members("dataset"):
+        config = load("dataset", name)
+        assert config["name"] == name
+        if config["precorrupted"] and config["clean"] is not None:
+            assert config["clean"] in tta.data.list_datasets()
+
+
+def test_model_configs_match_the_model_registry():
+    registered = set(tta.models.list_models())
+    pretrained = {m: load("model", m)["pretrained"] for m in members("model")}
+    assert {m for m, p in pretrained.items() if p is None} == registered
+    for member, name in pretrained.items():
+        config = load("model", member)
+        assert config["name"] in registered
+        if name is not None:
+            assert member == name and name in PRETRAINED
+    assert set(PRETRAINED) <= {p for p in pretrained.values() if p}
+
+
+def test_corruption_configs_name_valid_corruptions():
+    covered = set()
+    for member in members("corruption"):
+        config = load("corruption", member)
+        check_cells(config["names"], config["severities"])  # raises on unknown names
+        covered |= set(config["names"])
+    assert covered == set(tta.CORRUPTIONS) | set(tta.EXTRA_CORRUPTIONS)
+    assert load("corruption", "all")["names"] == list(tta.CORRUPTIONS)
+
+
+@pytest.mark.parametrize("preset,target", [("local", "joblib"), ("slurm", "submitit")])
+def test_launcher_presets(hydra_conf, preset, target):
+    cfg = compose(config_name="evaluate", overrides=[f"hydra/launcher={preset}"],
+                  return_hydra_config=True)
+    assert target in cfg.hydra.launcher._target_.lower()
+
+
+def test_unknown_group_member_lists_the_options(hydra_conf):
+    with pytest.raises(MissingConfigException, match="recalibrate"):
+        compose(config_name="evaluate", overrides=["adapt=tent"])

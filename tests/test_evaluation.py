@@ -1,0 +1,347 @@
+"""The evaluation pipeline on digits with a small randomly initialised ResNet (seconds)."""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tta
+from tta.evaluation import (Cell, dirichlet_order, evaluate, get_method, get_stream, list_methods,
+                            list_streams, run_benchmark)
+from tta.evaluation.metrics import corruption_errors, expected_calibration_error, mean_corruption_error
+from tta.evaluation.pipeline import check_cells, load_images
+from tta.evaluation.results import model_hash
+
+N = 64  # digits test images per cell
+
+
+MODEL_KWARGS = {"num_classes": 10, "in_channels": 1, "width": 8}
+
+
+@functools.lru_cache(maxsize=None)
+def _fitted_state(seed: int) -> dict:
+    """A narrow ResNet-8 made into a usable digits classifier in two forward passes: random
+    convolutions, BatchNorm statistics of the train split (cumulative average) and a
+    least-squares linear read-out, so that its predictions (and their shift under
+    corruptions) mean something."""
+    images, targets = load_images("digits", split="train")
+    x = images.float() / 255
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = tta.models.get_model("resnet8", **MODEL_KWARGS)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+    features = []
+    hook = model.fc.register_forward_pre_hook(lambda module, args: features.append(args[0]))
+    with torch.no_grad():
+        model.train()
+        for batch in x.split(512):
+            model(batch)
+        model.eval()
+        features.clear()
+        model(x)
+    hook.remove()
+    f = torch.cat([features[0], torch.ones(len(x), 1)], dim=1).double()
+    y = nn.functional.one_hot(targets, 10).double()
+    w = torch.linalg.solve(f.T @ f + 1e-3 * torch.eye(f.shape[1], dtype=torch.double), f.T @ y)
+    with torch.no_grad():
+        model.fc.weight.copy_(w[:-1].T)
+        model.fc.bias.copy_(w[-1])
+    for bn in norms:
+        bn.momentum = 0.1
+    return copy.deepcopy(model.state_dict())
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    model = tta.models.get_model("resnet8", **MODEL_KWARGS)
+    model.load_state_dict(_fitted_state(seed))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "resnet8.pt"
+    torch.save(small_model(0).state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, targets = load_images("digits", num_examples=N)
+    return images, targets
+
+
+@pytest.fixture(scope="module")
+def cells(digits):
+    images, _ = digits
+    return [Cell(c, s, tta.corrupt(images, c, s, seed=0)) for s in (1, 5) for c in ("fog", "contrast")]
+
+
+@pytest.fixture
+def bench(tmp_path, weights):
+    def run(tmp_path=tmp_path, **kwargs):
+        return _bench(tmp_path, weights=weights, **kwargs)
+    return run
+
+
+def _bench(tmp_path, **kwargs):
+    args = dict(dataset="digits", model="resnet8", model_kwargs=MODEL_KWARGS,
+                corruptions=["fog"], severities=[3], num_examples=N, batch_size=16, device="cpu",
+                cache_dir=tmp_path / "cache", progress=False)
+    args.update(kwargs)
+    return run_benchmark(tmp_path / "run", **args)
+
+
+# --- an independent oracle: torch's own batch statistics through forward hooks ------------
+
+def blend_oracle(model: nn.Module, prior: float) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm2d layers normalise with (1 - w) source + w batch
+    moments, w = B / (prior + B), computed here with torch.var_mean (not tta.convert)."""
+    oracle = copy.deepcopy(model)
+
+    def forward(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        w = x.shape[0] / (prior + x.shape[0])
+        mean = (1 - w) * bn.running_mean + w * mean
+        var = (1 - w) * bn.running_var + w * var
+        shape = (1, -1, 1, 1)
+        return ((x - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
+                * bn.weight.view(shape) + bn.bias.view(shape))
+
+    for module in oracle.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.forward = forward.__get__(module)  # type: ignore[method-assign]
+    return oracle
+
+
+def manual_ece(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
+    conf, pred = probs.max(1), probs.argmax(1)
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        members = (conf > lo) & (conf <= hi) if b else (conf <= hi)
+        if members.any():
+            total += members.sum() / len(conf) * abs((pred[members] == targets[members]).mean()
+                                                     - conf[members].mean())
+    return float(total)
+
+
+def test_results_cell_matches_independent_computation(tmp_path, digits, bench):
+    results = bench(tmp_path, method="blend", method_params={"prior": 16}, batch_size=24)
+    images, targets = digits
+    corrupted = tta.corrupt(images, "fog", 3, seed=0).float() / 255
+    model = small_model(0)  # the weights the pipeline loads
+    oracle = blend_oracle(model, prior=16)
+    with torch.no_grad():
+        source_logits = model(corrupted)
+        adapted_logits = torch.cat([oracle(corrupted[i:i + 24]) for i in range(0, N, 24)])
+        clean_logits = model(images.float() / 255)
+    assert adapted_logits.argmax(1).unique().numel() > 2  # a model that discriminates
+    cell = results["cells"][0]
+    source_acc = (source_logits.argmax(1) == targets).double().mean().item()
+    acc = (adapted_logits.argmax(1) == targets).double().mean().item()
+    clean = (clean_logits.argmax(1) == targets).double().mean().item()
+    assert cell["corruption"] == "fog" and cell["severity"] == 3 and cell["num_examples"] == N
+    assert cell["source_accuracy"] == pytest.approx(source_acc)
+    assert cell["accuracy"] == pytest.approx(acc)
+    assert results["clean_accuracy"] == pytest.approx(clean)
+    assert cell["recovered"] == pytest.approx(acc - source_acc)
+    if clean - source_acc > 0:
+        assert cell["gap_closed"] == pytest.approx((acc - source_acc) / (clean - source_acc))
+    assert cell["error"] == pytest.approx(1 - acc)
+    expected_ece = manual_ece(adapted_logits.double().softmax(1).numpy(), targets.numpy())
+    assert cell["ece"] == pytest.approx(expected_ece, abs=1e-6)
+    assert results["mean"]["accuracy"] == pytest.approx(acc)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["cells"][0]["accuracy"] == pytest.approx(acc)
+    csv = (tmp_path / "run" / "results.csv").read_text().splitlines()
+    assert len(csv) == 2 and csv[0].startswith("method,stream,batch_size")
+
+
+def test_ece_and_mce_against_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 7, generator=g) * 3
+    targets = torch.randint(0, 7, (500,), generator=g)
+    assert expected_calibration_error(logits, targets) == pytest.approx(
+        manual_ece(logits.double().softmax(1).numpy(), targets.numpy()), abs=1e-12)
+    cells = [{"corruption": "fog", "severity": s, "error": e} for s, e in ((1, 0.2), (2, 0.4))]
+    cells.append({"corruption": "snow", "severity": 1, "error": 0.3})
+    base = [{"corruption": "fog", "severity": 1, "error": 0.5}, {"corruption": "fog", "severity": 2, "error": 0.7},
+            {"corruption": "snow", "severity": 1, "error": 0.6}]
+    assert corruption_errors(cells, base) == pytest.approx({"fog": 0.6 / 1.2, "snow": 0.5})
+    assert mean_corruption_error(cells, base) == pytest.approx((0.5 + 0.5) / 2)
+
+
+def test_source_is_order_and_batch_size_independent(digits, cells):
+    _, targets = digits
+    reference = evaluate(small_model(), cells, targets, method="source", batch_size=64)["cells"]
+    for stream, params in (("mixed", {}), ("dirichlet", {"delta": 0.1}), ("continual", {})):
+        other = evaluate(small_model(), cells, targets, method="source", stream=stream,
+                         stream_params=params, batch_size=7)["cells"]
+        for a, b in zip(reference, other):
+            assert (a["corruption"], a["severity"]) == (b["corruption"], b["severity"])
+            assert a["accuracy"] == pytest.approx(b["accuracy"])
+            assert a["num_examples"] == b["num_examples"] == len(targets)
+
+
+def test_adaptation_changes_predictions_and_reset_matters(digits, cells):
+    _, targets = digits
+    run = lambda method, stream, **p: [c["accuracy"] for c in evaluate(
+        small_model(), cells, targets, method=method, method_params=p, stream=stream,
+        batch_size=16)["cells"]]
+    source = run("source", "reset")
+    batch = run("batch", "reset")
+    assert batch != source
+    # batch statistics have no state: the stream's resets change nothing
+    assert run("batch", "continual") == pytest.approx(batch)
+    # EMA carries state: the first cell agrees, later cells differ between reset and continual
+    ema_reset, ema_continual = run("ema", "reset", momentum=0.5), run("ema", "continual", momentum=0.5)
+    assert ema_reset[0] == pytest.approx(ema_continual[0])
+    assert ema_reset[1:] != pytest.approx(ema_continual[1:])
+    # alpha = 0: no weight on the batch statistics, exactly the source model
+    assert run("blend", "reset", alpha=0.0) == pytest.approx(source)
+
+
+@pytest.mark.parametrize("method", ["blend", "ema"])
+def test_batch_size_one(digits, cells, method):
+    _, targets = digits
+    out = evaluate(small_model(), cells[:1], targets, method=method, batch_size=1)
+    assert out["num_images"] == len(targets)
+    assert 0.0 <= out["cells"][0]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_recalibrate_uses_the_cells_own_images(digits, cells, exact):
+    _, targets = digits
+    model = small_model()
+    # one recalibration batch holds the whole cell, so both modes give its exact statistics
+    out = evaluate(copy.deepcopy(model), cells[:2], targets, method="recalibrate",
+                   method_params={"exact": exact, "batch_size": N})["cells"]
+    # oracle: AdaBN = BatchNorm statistics of the whole cell, i.e. batch statistics over one
+    # batch holding all of the cell's images (torch's train-mode BatchNorm)
+    for cell, result in zip(cells[:2], out):
+        oracle = copy.deepcopy(model).train()
+        with torch.no_grad():
+            logits = oracle(cell.images.float() / 255)
+        assert result["accuracy"] == pytest.approx((logits.argmax(1) == targets).double().mean().item())
+
+
+def test_streams_cover_every_image_once(digits):
+    _, targets = digits
+    keys = [("fog", 1), ("snow", 1), ("fog", 2)]
+    for name in list_streams():
+        stream = get_stream(name)
+        segments = list(stream.segments(keys, targets, 0, **stream.params()))
+        seen = sorted((seg.cells[p], i) for seg in segments for p, i in seg.order.tolist())
+        assert seen == sorted((c, i) for c in range(3) for i in range(len(targets))), name
+        assert segments[0].reset
+    mixed = list(get_stream("mixed").segments(keys, targets, 0))
+    assert [seg.cells for seg in mixed] == [[0, 1], [2]]  # one stream per severity
+    first = mixed[0].order[:, 0]
+    assert 0 < first[: len(targets)].float().mean() < 1  # shuffled across corruptions
+    continual = list(get_stream("continual").segments(keys, targets, 0))
+    assert [seg.reset for seg in continual] == [True, False, False]
+
+
+def test_dirichlet_order_is_label_correlated():
+    targets = np.repeat(np.arange(10), 100)
+    np.random.default_rng(1).shuffle(targets)
+    switches = {}
+    for delta in (0.01, 100.0):
+        order = dirichlet_order(targets, delta, np.random.default_rng(0))
+        assert sorted(order.tolist()) == list(range(len(targets)))
+        labels = targets[order]
+        switches[delta] = int((labels[1:] != labels[:-1]).sum())
+    assert switches[0.01] < 40 < 80 < switches[100.0]
+
+
+def test_source_cache_is_reused_and_keyed_by_model(tmp_path, monkeypatch, bench):
+    bench(tmp_path, method="source")
+    records = list((tmp_path / "cache" / "source").glob("*.json"))
+    assert len(records) == 2  # clean + one cell
+    # poison the cached cell record: a job with another method must reuse it as is
+    for path in records:
+        record = json.loads(path.read_text())
+        if record["corruption"] == "fog":
+            record["accuracy"] = 0.123
+            path.write_text(json.dumps(record))
+    results = bench(tmp_path, method="batch", force=True)
+    assert results["cells"][0]["source_accuracy"] == 0.123
+    # a model with other weights gets other keys
+    assert model_hash(small_model(0)) != model_hash(small_model(1))
+    cells = list((tmp_path / "cache" / "cells").glob("*.npy"))
+    assert len(cells) == 1
+
+
+def test_resume_skips_and_refuses_other_configs(tmp_path, bench):
+    config = {"adapt": "source", "n": 1}
+    first = bench(tmp_path, method="source", config=config)
+    path = tmp_path / "run" / "results.json"
+    stamp = path.stat().st_mtime_ns
+    again = bench(tmp_path, method="source", config=config)
+    assert path.stat().st_mtime_ns == stamp and again["cells"] == first["cells"]
+    with pytest.raises(ValueError, match="different config"):
+        bench(tmp_path, method="batch", config={"adapt": "batch"})
+    bench(tmp_path, method="batch", config={"adapt": "batch"}, force=True)
+    assert json.loads(path.read_text())["method"] == "batch"
+
+
+# --- error paths ----------------------------------------------------------------------------
+
+def test_unknown_names_list_the_valid_ones(tmp_path, bench):
+    with pytest.raises(ValueError, match="valid names are: source, batch, blend, ema, recalibrate"):
+        get_method("tent")
+    with pytest.raises(ValueError, match="valid names are: reset, continual, mixed, dirichlet"):
+        get_stream("random")
+    with pytest.raises(ValueError, match="unknown corruption 'fogg'.*gaussian_noise"):
+        check_cells(["fogg"], [1])
+    with pytest.raises(ValueError, match="unknown dataset 'mnistt'.*fashion_mnist"):
+        bench(tmp_path, dataset="mnistt")
+    with pytest.raises(ValueError, match="unknown model 'resnet7'"):
+        bench(tmp_path, model="resnet7")
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['priors'\].*prior"):
+        get_method("blend").params({"priors": 3})
+
+
+@pytest.mark.parametrize("severity", [0, 6])
+def test_bad_severity(tmp_path, severity, bench):
+    with pytest.raises(ValueError, match=f"invalid severity {severity}.*1, 2, 3, 4, 5"):
+        bench(tmp_path, severities=[severity])
+
+
+def test_bad_method_and_stream_parameters(tmp_path, bench):
+    with pytest.raises(ValueError, match="adapt.prior must be >= 0, got -1"):
+        bench(tmp_path, method="blend", method_params={"prior": -1})
+    with pytest.raises(ValueError, match="adapt.momentum"):
+        get_method("ema").params({"momentum": 0})
+    with pytest.raises(ValueError, match="adapt.num_images"):
+        get_method("recalibrate").params({"num_images": 0})
+    with pytest.raises(ValueError, match="stream.delta must be a number > 0"):
+        get_stream("dirichlet").params({"delta": -0.5})
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        bench(tmp_path, batch_size=0)
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_missing_data_root(tmp_path, bench):
+    missing = tmp_path / "no_such_dir"
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        bench(tmp_path, dataset="fashion_mnist", dataset_root=str(missing))
+
+
+def test_too_many_examples(tmp_path, bench):
+    with pytest.raises(ValueError, match="num_examples"):
+        bench(tmp_path, num_examples=100000)
+
+
+def test_registries_are_complete():
+    assert list_methods() == ["source", "batch", "blend", "ema", "recalibrate"]
+    assert list_streams() == ["reset", "continual", "mixed", "dirichlet"]

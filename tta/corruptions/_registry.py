@@ -1,0 +1,57 @@
+"""The table of corruption functions and their per-preset parameters.
+
+A corruption function has the signature ``fn(x, params, rng) -> Tensor``:
+
+* ``x``: float32 tensor ``(N, C, H, W)`` in [0, 1], C in {1, 3}, any device;
+* ``params``: the entry of the chosen preset's table for the chosen severity
+  (whatever the module put there: a number, a tuple, a small dict);
+* ``rng``: an :class:`~tta.corruptions._rng.ImageRNG` with one stream per image.
+
+It returns a float tensor of the same shape; values may leave [0, 1] (the caller
+clips and converts back to the input dtype). A function that works on 8-bit values
+anyway (Pillow's) may set ``fn.uint8_native = True``: for uint8 input it then gets
+the uint8 batch and returns uint8.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+PRESETS = ("cifar", "tiny", "imagenet")
+
+
+@dataclass(frozen=True)
+class Corruption:
+    name: str
+    fn: Callable
+    params: dict  # preset name -> list of 5 severity entries
+
+
+_CORRUPTIONS: dict[str, Corruption] = {}
+
+
+def register_corruption(name: str, *, cifar: Sequence[Any], tiny: Sequence[Any], imagenet: Sequence[Any]):
+    """Decorator: register ``fn`` under ``name`` with its three severity tables."""
+    tables = {"cifar": list(cifar), "tiny": list(tiny), "imagenet": list(imagenet)}
+    for preset, table in tables.items():
+        if len(table) != 5:
+            raise ValueError(f"corruption {name!r}: preset {preset!r} needs 5 severities, got {len(table)}")
+
+    def wrap(fn: Callable) -> Callable:
+        if name in _CORRUPTIONS:
+            raise ValueError(f"corruption {name!r} is already registered")
+        _CORRUPTIONS[name] = Corruption(name, fn, tables)
+        return fn
+
+    return wrap
+
+
+def get_corruption(name: str) -> Corruption:
+    try:
+        return _CORRUPTIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown corruption {name!r}; valid choices: {sorted(_CORRUPTIONS)}") from None
+
+
+def registered_corruptions() -> list[str]:
+    return sorted(_CORRUPTIONS)

@@ -1,0 +1,93 @@
+"""Per-image random numbers for the corruption suite.
+
+Every image gets its own :class:`torch.Generator`, seeded from
+``(seed, corruption name, severity, image index)``: numpy's ``SeedSequence``
+(a documented, platform-independent hash) turns ``(seed, crc32(name), severity)``
+into a 128-bit key ``(k0, k1)``, and image ``i`` gets
+``splitmix64(k0 + (i + 1) * 0x9E3779B97F4A7C15) ^ k1`` (shifted to 63 bits),
+computed for all indices at once. The draws an image
+receives therefore depend only on that tuple and on the order in which the
+corruption function asks for them, never on the other images of the call:
+splitting a call into chunks (with ``index_offset``) gives identical results.
+Draws are made on the CPU (generators are cheap there and device-independent)
+and moved to the images' device.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["ImageRNG", "image_seeds"]
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def image_seeds(seed: int, name: str, severity: int, indices: Sequence[int]) -> list[int]:
+    """The 63-bit generator seed of every image index (see the module docstring)."""
+    tag = zlib.crc32(name.encode("utf-8"))
+    k0, k1 = np.random.SeedSequence([int(seed), tag, int(severity)]).generate_state(2, np.uint64)
+    i = np.asarray(indices, dtype=np.uint64).reshape(-1)
+    with np.errstate(over="ignore"):
+        z = k0 + (i + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+    return ((z ^ k1) >> np.uint64(1)).tolist()
+
+
+class ImageRNG:
+    """Independent random streams, one per image of a batch.
+
+    Every method returns a tensor of shape ``(N, *shape)`` whose row ``i`` is drawn
+    from image ``i``'s own generator.
+
+    Args:
+        seeds: one integer seed per image (see :func:`image_seeds`).
+        device: where the returned tensors live.
+    """
+
+    def __init__(self, seeds: Sequence[int] | Callable[[], Sequence[int]], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self._seeds = seeds
+        self._generators: list[torch.Generator] | None = None
+
+    @property
+    def generators(self) -> list[torch.Generator]:
+        # Created on first use: corruptions without randomness pay nothing.
+        if self._generators is None:
+            seeds = self._seeds() if callable(self._seeds) else self._seeds
+            self._generators = []
+            for s in seeds:
+                g = torch.Generator(device="cpu")
+                g.manual_seed(int(s))
+                self._generators.append(g)
+        return self._generators
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def _stack(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(rows).to(self.device)
+
+    def uniform(self, *shape: int) -> torch.Tensor:
+        """Uniform floats in [0, 1), float32."""
+        return self._stack([torch.rand(shape, generator=g) for g in self.generators])
+
+    def normal(self, *shape: int) -> torch.Tensor:
+        """Standard normal floats, float32."""
+        return self._stack([torch.randn(shape, generator=g) for g in self.generators])
+
+    def randint(self, low: int, high: int, *shape: int) -> torch.Tensor:
+        """Integers in [low, high), int64."""
+        return self._stack([torch.randint(low, high, shape, generator=g) for g in self.generators])
+
+    def poisson(self, rate: torch.Tensor) -> torch.Tensor:
+        """Poisson draws with the given per-image rates (shape ``(N, ...)``), float32."""
+        rate = rate.detach().to("cpu", torch.float32)
+        return self._stack([torch.poisson(r, generator=g) for r, g in zip(rate, self.generators)])

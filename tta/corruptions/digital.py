@@ -1,0 +1,149 @@
+"""Digital corruptions: brightness, contrast, pixelate, JPEG and (held out) saturate.
+
+Parameter tables: hendrycks/robustness ``make_cifar_c.py``, ``make_tinyimagenet_c.py``
+and ``make_imagenet_c.py``. Brightness and saturate use scikit-image's HSV
+conversion (in closed form, in torch); pixelate and JPEG are Pillow's, per image.
+
+One-channel images: a grey pixel is the RGB pixel (g, g, g), whose HSV value is
+g and saturation 0. So ``brightness`` adds its constant to g (and clips), and
+``saturate`` leaves grey images unchanged (the same as ``imagecorruptions``,
+which returns the red channel of the converted image, and red equals the value
+for a grey pixel of hue 0).
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tta.corruptions._registry import register_corruption
+from tta.corruptions._rng import ImageRNG
+
+
+
+# ------------------------------------------------------------------- HSV, in closed form
+#
+# skimage's hsv2rgb(rgb2hsv(x)) with V or S changed has a closed form. Every
+# channel is ch = v (1 - s tau_ch) with tau_ch = (v - ch) / (v - m) a function of
+# the hue only (v = max, m = min over channels), so with the new value v' or
+# saturation s' the channel becomes v' (1 - s tau_ch) or v - s' v tau_ch. A grey
+# pixel (v = m) has hue 0 and saturation 0, which hsv2rgb maps to
+# (v, v (1 - s'), v (1 - s')). The tests check this against skimage.
+
+
+def _value_shift(x: torch.Tensor, shift: float) -> torch.Tensor:
+    v = x.amax(1, keepdim=True)
+    v_new = (v + shift).clamp(0.0, 1.0)
+    ratio = v_new / torch.where(v > 0, v, torch.ones_like(v))
+    return torch.where(v > 0, x * ratio, v_new)  # black (h = s = 0) becomes grey v'
+
+
+def _saturation_map(x: torch.Tensor, scale: float, offset: float) -> torch.Tensor:
+    v = x.amax(1, keepdim=True)
+    m = x.amin(1, keepdim=True)
+    delta = v - m
+    grey = delta == 0
+    s = torch.where(grey, torch.zeros_like(v), delta / torch.where(v > 0, v, torch.ones_like(v)))
+    s_new = (s * scale + offset).clamp(0.0, 1.0)
+    tau = (v - x) / torch.where(grey, torch.ones_like(delta), delta)
+    out = v - s_new * v * tau
+    red = torch.tensor([0.0, 1.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return torch.where(grey, v * (1.0 - s_new * red), out)
+
+
+# --------------------------------------------------------------------------- corruptions
+
+
+@register_corruption(
+    "brightness",
+    cifar=[0.05, 0.1, 0.15, 0.2, 0.3],
+    tiny=[0.1, 0.2, 0.3, 0.4, 0.5],
+    imagenet=[0.1, 0.2, 0.3, 0.4, 0.5],
+)
+def brightness(x: torch.Tensor, shift: float, rng: ImageRNG) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x + shift  # V of a grey pixel is the pixel
+    return _value_shift(x, shift)
+
+
+@register_corruption(
+    "saturate",
+    cifar=[(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)],
+    tiny=[(0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (30, 0.2)],
+    imagenet=[(0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)],
+)
+def saturate(x: torch.Tensor, params, rng: ImageRNG) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x  # no saturation to change (see the module docstring)
+    scale, offset = params
+    return _saturation_map(x, scale, offset)
+
+
+@register_corruption(
+    "contrast",
+    cifar=[0.75, 0.5, 0.4, 0.3, 0.15],
+    tiny=[0.4, 0.3, 0.2, 0.1, 0.05],
+    imagenet=[0.4, 0.3, 0.2, 0.1, 0.05],
+)
+def contrast(x: torch.Tensor, factor: float, rng: ImageRNG) -> torch.Tensor:
+    # The reference averages over height and width, per channel.
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    return (x - mean) * factor + mean
+
+
+@register_corruption(
+    "pixelate",
+    cifar=[0.95, 0.9, 0.85, 0.75, 0.65],
+    tiny=[0.9, 0.8, 0.7, 0.6, 0.5],
+    imagenet=[0.6, 0.5, 0.4, 0.3, 0.25],
+)
+def pixelate(x: torch.Tensor, scale: float, rng: ImageRNG) -> torch.Tensor:
+    # Pillow per image, BOX down and BOX up like the reference (imagecorruptions
+    # scales up with NEAREST, which differs only where a box centre falls exactly
+    # on a pixel border); the result is 8-bit, as in the reference.
+    n, c, h, w = x.shape
+    small = (int(w * scale), int(h * scale))
+    return _per_image_pil(x, lambda img: img.resize(small, Image.BOX).resize((w, h), Image.BOX))
+
+
+def _per_image_pil(x: torch.Tensor, fn) -> torch.Tensor:
+    """Apply ``fn`` (PIL image -> PIL image of the same size and mode) to every image as
+    8 bits. ``uint8`` in, ``uint8`` out (see ``UINT8_NATIVE``); float in [0, 1] in, float out."""
+    if x.dtype == torch.uint8:
+        u8 = x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    else:  # x is in [0, 1] (the input of a corruption): the cast truncates like np.uint8
+        u8 = x.mul(255.0).add_(1e-3).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    out = np.empty_like(u8)
+    for i, img in enumerate(u8):
+        pil = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img)
+        out[i] = np.asarray(fn(pil)).reshape(img.shape)
+    y = torch.from_numpy(out).to(x.device).permute(0, 3, 1, 2)
+    return y.contiguous() if x.dtype == torch.uint8 else y.to(x.dtype).div_(255.0)
+
+
+# Pillow works on 8-bit images: for uint8 input, corrupt() calls these functions on
+# the uint8 batch directly (same result, without two float round trips).
+pixelate.uint8_native = True
+
+
+@register_corruption(
+    "jpeg_compression",
+    cifar=[80, 65, 58, 50, 40],
+    tiny=[65, 58, 50, 40, 25],
+    imagenet=[25, 18, 15, 10, 7],
+)
+def jpeg_compression(x: torch.Tensor, quality: int, rng: ImageRNG) -> torch.Tensor:
+    # Pillow per image (the reference's encoder, default 4:2:0 chroma subsampling);
+    # one-channel images are stored as greyscale JPEGs.
+    def round_trip(img: Image.Image) -> Image.Image:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=int(quality))
+        buf.seek(0)
+        return Image.open(buf)
+
+    return _per_image_pil(x, round_trip)
+
+
+jpeg_compression.uint8_native = True

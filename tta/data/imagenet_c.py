@@ -1,0 +1,138 @@
+"""ImageNet-C as published: ``<root>/<corruption>/<severity>/<wnid>/*.JPEG``, already 224x224."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from tta.data.base import check_num_examples, check_split, subset_indices
+from tta.data.registry import register_dataset
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageNetC", "imagenet_c"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+def _read_list_file(path: Path) -> list[str]:
+    """Lines ``<wnid>/<file name>``, optionally followed by whitespace and anything (e.g. a
+    label); blank lines and ``#`` comments are skipped. RobustBench's
+    ``imagenet_test_image_ids.txt`` (5,000 validation images) has this format."""
+    if not path.is_file():
+        raise FileNotFoundError(f"list file {path} does not exist")
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        entry = line.split()[0]
+        if len(Path(entry).parts) != 2:
+            raise ValueError(f"{path}:{number}: expected '<wnid>/<file name>', got {line!r}")
+        entries.append(entry)
+    return entries
+
+
+class ImageNetC(Dataset):
+    r"""One corruption at one severity of ImageNet-C.
+
+    No resize and no crop: the published images are already 224 x 224 (re-cropping them to
+    a centre crop is a common mistake that changes the numbers).
+
+    Args:
+        root: the ImageNet-C directory (holding one directory per corruption).
+        corruption: the corruption directory name, e.g. ``"gaussian_noise"``.
+        severity: 1 to 5.
+        list_file: optional text file of ``<wnid>/<file name>`` lines selecting a subset, in
+            that order (e.g. RobustBench's 5,000-image ``imagenet_test_image_ids.txt``).
+        num_examples: keep the first ``num_examples`` entries of the list file, or without a
+            list file a fixed-seed random subset of the images (see :func:`tta.data.base.subset_indices`).
+        classes: the class wnids in label order; default: the sorted wnid directories of
+            ``<root>/<corruption>/<severity>``. Pass all 1,000 when the tree is partial.
+
+    Attributes:
+        samples: list of ``(path, label)``.
+        targets: the labels, a list of ints.
+
+    Shape:
+        - ``dataset[i]``: ``(image, label)``, ``image`` float32 :math:`(3, H, W)` in [0, 1].
+    """
+
+    def __init__(self, root: str | Path, corruption: str, severity: int, list_file: str | Path | None = None,
+                 num_examples: int | None = None, classes: Sequence[str] | None = None) -> None:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"ImageNet-C root {root} does not exist")
+        if not (root / corruption).is_dir():
+            found = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise ValueError(
+                f"unknown corruption {corruption!r}: no directory {root / corruption}; "
+                f"valid names (found in {root}): {', '.join(found) or 'none'}"
+            )
+        if isinstance(severity, bool) or severity not in (1, 2, 3, 4, 5):
+            raise ValueError(f"severity must be one of (1, 2, 3, 4, 5), got {severity!r}")
+        directory = root / corruption / str(severity)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"ImageNet-C directory {directory} does not exist")
+        if classes is None:
+            classes = sorted(p.name for p in directory.iterdir() if p.is_dir())
+        if not classes:
+            raise ValueError(f"{directory} holds no class directories (<wnid>/*.JPEG)")
+        self.classes = list(classes)
+        self.class_to_idx = {wnid: i for i, wnid in enumerate(self.classes)}
+        self.root, self.corruption, self.severity = root, corruption, severity
+
+        if list_file is not None:
+            entries = _read_list_file(Path(list_file))
+            entries = entries[: check_num_examples(num_examples, len(entries))]
+            unknown = sorted({e.split("/")[0] for e in entries} - set(self.class_to_idx))
+            if unknown:
+                raise ValueError(f"{list_file} names classes not in {directory}: {', '.join(unknown[:5])}")
+            samples = [(directory / e, self.class_to_idx[e.split("/")[0]]) for e in entries]
+            missing = [str(p) for p, _ in samples if not p.is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} of the {len(samples)} images listed in {list_file} are missing, "
+                    f"e.g. {missing[0]}"
+                )
+        else:
+            samples = [
+                (path, label)
+                for label, wnid in enumerate(self.classes) if (directory / wnid).is_dir()
+                for path in sorted((directory / wnid).iterdir())
+                if path.suffix.lower() in IMAGE_EXTENSIONS
+            ]
+            if not samples:
+                raise ValueError(f"{directory} holds no images with extensions {IMAGE_EXTENSIONS}")
+            samples = [samples[i] for i in subset_indices(len(samples), num_examples)]
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        logger.info("ImageNet-C %s/%d: %d images", corruption, severity, len(samples))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0), label
+
+    def __repr__(self) -> str:
+        return (f"ImageNetC(corruption={self.corruption!r}, severity={self.severity}, "
+                f"num_examples={len(self)}, num_classes={len(self.classes)})")
+
+
+@register_dataset("imagenet_c")
+def imagenet_c(split: str = "test", root: str | Path | None = None, corruption: str = "gaussian_noise",
+               severity: int = 5, list_file: str | Path | None = None, num_examples: int | None = None,
+               classes: Sequence[str] | None = None) -> ImageNetC:
+    """ImageNet-C (see :class:`ImageNetC`); only a ``"test"`` split; ``root`` is required."""
+    check_split(split, ("test",))
+    if root is None:
+        raise ValueError("imagenet_c needs root=<the ImageNet-C directory>; it is not downloadable (~60 GB)")
+    return ImageNetC(root, corruption, severity, list_file, num_examples, classes)
