@@ -25,13 +25,19 @@ class Corruption:
     name: str
     fn: Callable
     params: dict  # preset name -> list of 5 severity entries
+    chunk_values: int | None = None  # values per chunk that corrupt() hands to fn (None: its default)
 
 
 _CORRUPTIONS: dict[str, Corruption] = {}
 
 
-def register_corruption(name: str, *, cifar: Sequence[Any], tiny: Sequence[Any], imagenet: Sequence[Any]):
-    """Decorator: register ``fn`` under ``name`` with its three severity tables."""
+def register_corruption(name: str, *, cifar: Sequence[Any], tiny: Sequence[Any], imagenet: Sequence[Any],
+                        chunk_values: int | None = None):
+    """Decorator: register ``fn`` under ``name`` with its three severity tables.
+
+    ``chunk_values``: the batch size (in values, N C H W) that :func:`tta.corrupt`
+    hands to ``fn`` at a time; per-value corruptions are fastest on chunks that fit
+    in the cache. Results do not depend on it."""
     tables = {"cifar": list(cifar), "tiny": list(tiny), "imagenet": list(imagenet)}
     for preset, table in tables.items():
         if len(table) != 5:
@@ -40,7 +46,7 @@ def register_corruption(name: str, *, cifar: Sequence[Any], tiny: Sequence[Any],
     def wrap(fn: Callable) -> Callable:
         if name in _CORRUPTIONS:
             raise ValueError(f"corruption {name!r} is already registered")
-        _CORRUPTIONS[name] = Corruption(name, fn, tables)
+        _CORRUPTIONS[name] = Corruption(name, fn, tables, chunk_values)
         return fn
 
     return wrap

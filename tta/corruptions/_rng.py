@@ -10,7 +10,10 @@ receives therefore depend only on that tuple and on the order in which the
 corruption function asks for them, never on the other images of the call:
 splitting a call into chunks (with ``index_offset``) gives identical results.
 Draws are made on the CPU (generators are cheap there and device-independent)
-and moved to the images' device.
+and moved to the images' device. Where numpy's generator is much faster (float64
+uniforms for shot noise's inverse-CDF Poisson sampler), an image also gets a
+``numpy.random.Generator(PCG64(s))`` seeded with the same 63-bit seed ``s``: a
+stream independent of the torch one, equally a function of the tuple.
 """
 from __future__ import annotations
 
@@ -56,18 +59,29 @@ class ImageRNG:
         self.device = torch.device(device)
         self._seeds = seeds
         self._generators: list[torch.Generator] | None = None
+        self._numpy_generators: list[np.random.Generator] | None = None
+
+    def _seed_list(self) -> Sequence[int]:
+        return self._seeds() if callable(self._seeds) else self._seeds
 
     @property
     def generators(self) -> list[torch.Generator]:
         # Created on first use: corruptions without randomness pay nothing.
         if self._generators is None:
-            seeds = self._seeds() if callable(self._seeds) else self._seeds
+            seeds = self._seed_list()
             self._generators = []
             for s in seeds:
                 g = torch.Generator(device="cpu")
                 g.manual_seed(int(s))
                 self._generators.append(g)
         return self._generators
+
+    @property
+    def numpy_generators(self) -> list[np.random.Generator]:
+        """numpy ``Generator(PCG64(s))`` per image, seeded with the image's seed ``s``."""
+        if self._numpy_generators is None:
+            self._numpy_generators = [np.random.Generator(np.random.PCG64(int(s))) for s in self._seed_list()]
+        return self._numpy_generators
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -86,6 +100,17 @@ class ImageRNG:
     def randint(self, low: int, high: int, *shape: int) -> torch.Tensor:
         """Integers in [low, high), int64."""
         return self._stack([torch.randint(low, high, shape, generator=g) for g in self.generators])
+
+    def uniform64(self, *shape: int, indices: Sequence[int] | None = None) -> torch.Tensor:
+        """Uniform float64 in [0, 1), ``(len(indices), *shape)``, from the numpy
+        generators of the images ``indices`` (default: all), on the CPU (numpy's
+        PCG64 doubles are 3x faster than torch's)."""
+        gens = self.numpy_generators
+        indices = range(len(gens)) if indices is None else indices
+        out = np.empty((len(indices), *shape))
+        for row, i in zip(out, indices):
+            gens[i].random(out=row)
+        return torch.from_numpy(out)
 
     def poisson(self, rate: torch.Tensor) -> torch.Tensor:
         """Poisson draws with the given per-image rates (shape ``(N, ...)``), float32."""

@@ -232,6 +232,7 @@ def motion_blur_batch(x: torch.Tensor, radius: int, sigma: float, angles_deg: to
     cifar=[0.4, 0.6, 0.7, 0.8, 1.0],
     tiny=[0.5, 0.75, 1.0, 1.25, 1.5],
     imagenet=[1, 2, 3, 4, 6],
+    chunk_values=1 << 20,
 )
 def gaussian_blur(x: torch.Tensor, sigma: float, rng: ImageRNG) -> torch.Tensor:
     return gaussian_filter(x, sigma)
@@ -242,6 +243,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float, rng: ImageRNG) -> torch.Tensor:
     cifar=[(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)],
     tiny=[(0.5, 0.6), (1, 0.1), (1.5, 0.1), (2.5, 0.01), (3, 0.1)],
     imagenet=[(3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)],
+    chunk_values=1 << 18,
 )
 def defocus_blur(x: torch.Tensor, params, rng: ImageRNG) -> torch.Tensor:
     radius, alias_blur = params
@@ -271,11 +273,24 @@ def _fft_size(n: int) -> int:
         n += 1
 
 
+@functools.lru_cache(maxsize=4)
+def _glass_targets(height: int, width: int, max_delta: int, iterations: int, n: int):
+    """:func:`glass_schedule` laid out for a batch of ``n`` images, position-major:
+    entry ``p * n + j`` is pixel p of image j, and visit k of image j is row k,
+    column j of ``dst`` (M, n) int64, so every wavefront is one contiguous slice
+    ``bounds[t]`` of the flattened ``dst`` for all images at once."""
+    _, flat, counts = glass_schedule(height, width, max_delta, iterations)
+    ends = (np.cumsum(counts) * n).tolist()
+    dst = flat.view(-1, 1) * n + torch.arange(n).view(1, n)
+    return list(zip([0] + ends[:-1], ends)), dst
+
+
 @register_corruption(
     "glass_blur",
     cifar=[(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)],
     tiny=[(0.1, 1, 1), (0.5, 1, 1), (0.6, 1, 2), (0.7, 2, 1), (0.9, 2, 2)],
     imagenet=[(0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)],
+    chunk_values=1 << 23,
 )
 def glass_blur(x: torch.Tensor, params, rng: ImageRNG) -> torch.Tensor:
     # Deliberate generalisation: the reference's loop bounds are its fixed image
@@ -292,16 +307,19 @@ def glass_blur(x: torch.Tensor, params, rng: ImageRNG) -> torch.Tensor:
         # an image belongs to the k-th position in wavefront order.
         side = 2 * max_delta
         q = rng.randint(0, side * side, len(flat)).to("cpu")
-        shift = (torch.div(q, side, rounding_mode="floor") - max_delta) * w + (q.remainder(side) - max_delta)
-        src_pos = flat.view(1, -1) + shift  # (N, M): the pixel each visited position copies
-        perm = torch.arange(h * w).repeat(n, 1)  # (N, H*W): which source pixel each location shows
-        start = 0
-        for count in counts:
-            end = start + count
-            perm.index_copy_(1, flat[start:end], perm.gather(1, src_pos[:, start:end]))
-            start = end
-        src = perm.view(n, 1, h * w).to(x.device).expand(n, c, h * w)
-        y = torch.gather(y.reshape(n, c, h * w), 2, src).view(n, c, h, w)
+        bounds, dst = _glass_targets(h, w, max_delta, iterations, n)
+        # The pixel offset of each draw: (q // side - D) * W + (q % side - D).
+        offsets = torch.tensor([(a // side - max_delta) * w + (a % side - max_delta) for a in range(side * side)])
+        shift = offsets.index_select(0, q.view(-1)).view(n, -1).t()  # (M, N)
+        src = (dst + shift * n).view(-1).numpy()  # the entry each visit copies
+        dst = dst.view(-1).numpy()
+        # perm[p * N + j]: which source pixel location p of image j shows. numpy's
+        # fancy indexing (intp indices) has the lowest per-step overhead here.
+        perm = np.repeat(np.arange(h * w, dtype=np.int32), n)
+        for a, b in bounds:
+            perm[dst[a:b]] = perm[src[a:b]]
+        index = torch.from_numpy(perm).view(h * w, n).t().to(device=x.device, dtype=torch.int64)
+        y = torch.gather(y.reshape(n, c, h * w), 2, index.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
     return gaussian_filter(y, sigma)
 
 
@@ -310,6 +328,7 @@ def glass_blur(x: torch.Tensor, params, rng: ImageRNG) -> torch.Tensor:
     cifar=[(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)],
     tiny=[(10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3)],
     imagenet=[(10, 3), (15, 5), (15, 8), (15, 12), (20, 15)],
+    chunk_values=1 << 20,
 )
 def motion_blur(x: torch.Tensor, params, rng: ImageRNG) -> torch.Tensor:
     radius, sigma = params
@@ -327,6 +346,7 @@ def _zoom_factors(stop: float, step: float) -> tuple[float, ...]:
     cifar=[_zoom_factors(m, 0.01) for m in (1.06, 1.11, 1.16, 1.21, 1.26)],
     tiny=[_zoom_factors(m, 0.01) for m in (1.06, 1.11, 1.16, 1.21, 1.26)],
     imagenet=[_zoom_factors(m, s) for m, s in ((1.11, 0.01), (1.16, 0.01), (1.21, 0.02), (1.26, 0.02), (1.31, 0.03))],
+    chunk_values=1 << 18,
 )
 def zoom_blur(x: torch.Tensor, factors, rng: ImageRNG) -> torch.Tensor:
     n, c, h, w = x.shape

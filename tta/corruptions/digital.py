@@ -61,6 +61,7 @@ def _saturation_map(x: torch.Tensor, scale: float, offset: float) -> torch.Tenso
     cifar=[0.05, 0.1, 0.15, 0.2, 0.3],
     tiny=[0.1, 0.2, 0.3, 0.4, 0.5],
     imagenet=[0.1, 0.2, 0.3, 0.4, 0.5],
+    chunk_values=1 << 18,
 )
 def brightness(x: torch.Tensor, shift: float, rng: ImageRNG) -> torch.Tensor:
     if x.shape[1] == 1:
@@ -73,6 +74,7 @@ def brightness(x: torch.Tensor, shift: float, rng: ImageRNG) -> torch.Tensor:
     cifar=[(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)],
     tiny=[(0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (30, 0.2)],
     imagenet=[(0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)],
+    chunk_values=1 << 18,
 )
 def saturate(x: torch.Tensor, params, rng: ImageRNG) -> torch.Tensor:
     if x.shape[1] == 1:
@@ -86,6 +88,7 @@ def saturate(x: torch.Tensor, params, rng: ImageRNG) -> torch.Tensor:
     cifar=[0.75, 0.5, 0.4, 0.3, 0.15],
     tiny=[0.4, 0.3, 0.2, 0.1, 0.05],
     imagenet=[0.4, 0.3, 0.2, 0.1, 0.05],
+    chunk_values=1 << 18,
 )
 def contrast(x: torch.Tensor, factor: float, rng: ImageRNG) -> torch.Tensor:
     # The reference averages over height and width, per channel.
@@ -98,6 +101,7 @@ def contrast(x: torch.Tensor, factor: float, rng: ImageRNG) -> torch.Tensor:
     cifar=[0.95, 0.9, 0.85, 0.75, 0.65],
     tiny=[0.9, 0.8, 0.7, 0.6, 0.5],
     imagenet=[0.6, 0.5, 0.4, 0.3, 0.25],
+    chunk_values=1 << 20,
 )
 def pixelate(x: torch.Tensor, scale: float, rng: ImageRNG) -> torch.Tensor:
     # Pillow per image, BOX down and BOX up like the reference (imagecorruptions

@@ -60,15 +60,43 @@ def _gaussian_reflect(f: torch.Tensor, sigma: float, truncate: float = 3.0) -> t
     if sigma <= 0:
         return f
     n, h, w = f.shape
-    kh = _reflect_gaussian_matrix(h, float(sigma), truncate).to(f.device, f.dtype)
-    kw = _reflect_gaussian_matrix(w, float(sigma), truncate).to(f.device, f.dtype)
-    return kh @ f @ kw.t()
+    f = _apply_banded(f, _reflect_gaussian_blocks(h, float(sigma), truncate), dim=1)
+    return _apply_banded(f, _reflect_gaussian_blocks(w, float(sigma), truncate), dim=2)
 
 
-def _pixel_grid(h: int, w: int, device, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    ys = torch.arange(h, device=device, dtype=dtype).view(h, 1).expand(h, w)
-    xs = torch.arange(w, device=device, dtype=dtype).view(1, w).expand(h, w)
-    return xs, ys
+_BLOCK = 32
+
+
+@functools.lru_cache(maxsize=32)
+def _reflect_gaussian_blocks(n: int, sigma: float, truncate: float) -> list[tuple[int, int, int, int, torch.Tensor]]:
+    """:func:`_reflect_gaussian_matrix` cut into bands of ``_BLOCK`` output rows with
+    the input columns they read, ``(out_lo, out_hi, in_lo, in_hi, block)``; one
+    dense block when the kernel is wide (small sigmas skip the matrix's zeros)."""
+    m = _reflect_gaussian_matrix(n, sigma, truncate)
+    if 2 * int(truncate * sigma + 0.5) + _BLOCK >= n // 2:
+        return [(0, n, 0, n, m)]
+    blocks = []
+    for lo in range(0, n, _BLOCK):
+        hi = min(lo + _BLOCK, n)
+        cols = torch.nonzero(m[lo:hi].abs().sum(0)).view(-1)
+        a, b = int(cols.min()), int(cols.max()) + 1
+        blocks.append((lo, hi, a, b, m[lo:hi, a:b].contiguous()))
+    return blocks
+
+
+def _apply_banded(f: torch.Tensor, blocks, dim: int) -> torch.Tensor:
+    """The matrix of ``blocks`` applied along ``dim`` (1: rows, 2: columns) of (N, H, W)."""
+    if len(blocks) == 1:
+        m = blocks[0][4].to(f.device, f.dtype)
+        return m @ f if dim == 1 else f @ m.t()
+    out = torch.empty_like(f)
+    for lo, hi, a, b, block in blocks:
+        block = block.to(f.device, f.dtype)
+        if dim == 1:
+            out[:, lo:hi] = block @ f[:, a:b]
+        else:
+            out[:, :, lo:hi] = f[:, :, a:b] @ block.t()
+    return out
 
 
 def _affine_jitter(x: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
@@ -95,7 +123,16 @@ def _affine_jitter(x: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
     from_unit = torch.linalg.inv(to_unit)
     theta = (to_unit @ torch.cat([inv.cpu(), torch.tensor([[[0.0, 0, 1]]], dtype=torch.float64).expand(n, 1, 3)], 1)
              @ from_unit)[:, :2]
-    grid = F.affine_grid(theta.to(x.device, x.dtype), [n, c, h, w], align_corners=True)
+    # The grid of affine_grid(theta, align_corners=True), built as outer sums: an
+    # affine map of (u, v) is (a u + c) + b v per output coordinate (affine_grid's
+    # batched (H W, 3) x (3, 2) products are several times slower on the CPU).
+    u = torch.linspace(-1, 1, w, dtype=torch.float64)
+    v = torch.linspace(-1, 1, h, dtype=torch.float64)
+    grid = torch.empty(n, h, w, 2, device=x.device, dtype=x.dtype)
+    for k in range(2):
+        along_w = (theta[:, k, 0:1] * u + theta[:, k, 2:3]).to(x.device, x.dtype)  # (N, W)
+        along_h = (theta[:, k, 1:2] * v).to(x.device, x.dtype)  # (N, H)
+        torch.add(along_w.view(n, 1, w), along_h.view(n, h, 1), out=grid[..., k])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
 
 
@@ -103,9 +140,13 @@ def _displace(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tens
     """Sample (N, C, H, W) at (row + dy, column + dx), bilinear, half-sample
     reflection (scipy ``map_coordinates(order=1, mode="reflect")``)."""
     n, c, h, w = x.shape
-    xs, ys = _pixel_grid(h, w, x.device, x.dtype)
-    # align_corners=False: reflection about the image borders (-0.5, size - 0.5).
-    grid = torch.stack([(2 * (xs + dx) + 1) / w - 1, (2 * (ys + dy) + 1) / h - 1], dim=-1)
+    # align_corners=False: reflection about the image borders (-0.5, size - 0.5);
+    # pixel p + d sits at (2 (p + d) + 1) / size - 1.
+    base_x = (torch.arange(w, dtype=torch.float64) * 2 + 1) / w - 1
+    base_y = (torch.arange(h, dtype=torch.float64) * 2 + 1) / h - 1
+    grid = torch.empty(n, h, w, 2, device=x.device, dtype=x.dtype)
+    torch.add(base_x.to(x.device, x.dtype).view(1, 1, w), dx, alpha=2 / w, out=grid[..., 0])
+    torch.add(base_y.to(x.device, x.dtype).view(1, h, 1), dy, alpha=2 / h, out=grid[..., 1])
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -122,6 +163,7 @@ def _table(rows, size_factor=1.0):
     tiny=_table([(0, 0, 0.08), (0.05, 0.3, 0.06), (0.1, 0.08, 0.06), (0.1, 0.03, 0.03), (0.16, 0.03, 0.02)]),
     imagenet=_table([(2, 0.7, 0.1), (2, 0.08, 0.2), (0.05, 0.01, 0.02), (0.07, 0.01, 0.02), (0.12, 0.01, 0.02)],
                     size_factor=244 / 224),
+    chunk_values=1 << 20,
 )
 def elastic_transform(x: torch.Tensor, params: dict, rng: ImageRNG) -> torch.Tensor:
     """Elastic transform: random affine jitter, then a smooth random displacement.

@@ -168,6 +168,7 @@ _SNOW_CIFAR = [(0.1, 0.2, 1, 0.6, 8, 3), (0.1, 0.2, 1, 0.5, 10, 4), (0.15, 0.3, 
     imagenet=_snow_table([(0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7),
                           (0.55, 0.3, 4, 0.9, 12, 8, 0.7), (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
                           (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55)]),
+    chunk_values=1 << 20,
 )
 def snow(x: torch.Tensor, params: dict, rng: ImageRNG) -> torch.Tensor:
     """Snow: a zoomed, thresholded, motion-blurred noise layer (and its 180-degree
@@ -265,6 +266,7 @@ def _frost_table(rows, scale):
     cifar=_frost_table([(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)], 0.2),
     tiny=_frost_table([(1, 0.3), (0.9, 0.4), (0.8, 0.45), (0.75, 0.5), (0.7, 0.55)], 0.3),
     imagenet=_frost_table([(1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)], 1.0),
+    chunk_values=1 << 20,
 )
 def frost(x: torch.Tensor, params: dict, rng: ImageRNG) -> torch.Tensor:
     """Frost: a weighted sum of the image and a random crop of a frost texture.
@@ -343,6 +345,7 @@ _FOG_KEYS = ("strength", "decay")
     cifar=[dict(zip(_FOG_KEYS, r)) for r in [(0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)]],
     tiny=[dict(zip(_FOG_KEYS, r)) for r in [(0.4, 3), (0.7, 3), (1, 2.5), (1.5, 2), (2, 1.75)]],
     imagenet=[dict(zip(_FOG_KEYS, r)) for r in [(1.5, 2), (2, 2), (2.5, 1.7), (2.5, 1.5), (3, 1.4)]],
+    chunk_values=1 << 20,
 )
 def fog(x: torch.Tensor, params: dict, rng: ImageRNG) -> torch.Tensor:
     """Fog: a plasma fractal (map side: next power of two of the larger image side,

@@ -16,7 +16,7 @@ import os
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch

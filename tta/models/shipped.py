@@ -24,8 +24,8 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 # name -> file stem in PRETRAINED_DIR. "fashion_mnist" is the default source model; the
 # cheaper variants trade a little accuracy for CPU throughput (see docs/models.md).
 PRETRAINED: dict[str, str] = {
-    "fashion_mnist": "fashion_mnist_resnet20",
-    "fashion_mnist_resnet14": "fashion_mnist_resnet14",
+    "fashion_mnist": "fashion_mnist_resnet14",
+    "fashion_mnist_resnet20": "fashion_mnist_resnet20",
     "fashion_mnist_resnet8": "fashion_mnist_resnet8",
 }
 
