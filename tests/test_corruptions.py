@@ -402,3 +402,38 @@ def test_noise_statistics():
     assert abs(counts.mean().item() - 30) < 0.3 and abs(counts.var().item() - 30) < 1.5
     y = corrupt(x, "speckle_noise", 1, preset="imagenet")  # x + x * N(0, 0.15)
     assert abs((y - 0.5).std().item() - 0.5 * 0.15) < 0.003
+
+
+@pytest.mark.parametrize("rate", [3.0, 60.0, 500.0])
+def test_poisson_inversion_matches_scipy_quantiles(rate):
+    stats = pytest.importorskip("scipy.stats")
+    from tta.corruptions import noise
+
+    g = torch.Generator().manual_seed(int(rate))
+    levels = torch.randint(0, 256, (20000,), generator=g, dtype=torch.int32)
+    u = torch.rand(20000, generator=g, dtype=torch.float64)
+    u[:2000] = 1 - torch.rand(2000, generator=g, dtype=torch.float64) * 1e-6  # far tail bins
+    u[2000:2500] = torch.rand(500, generator=g, dtype=torch.float64) * 1e-6  # lowest bins
+    ours = noise._poisson_by_inversion(levels, rate, u).numpy()
+    lam = (np.arange(256, dtype=np.float32) / np.float32(255) * np.float32(rate)).astype(np.float64)
+    # inverse CDF with scipy's CDF: X = #{j : F(j) <= u}
+    j = np.arange(int(rate + 20 * math.sqrt(rate) + 40))
+    cdf = stats.poisson.cdf(j[None, :], lam[:, None])
+    expected = np.array([np.searchsorted(cdf[k], v, side="right") for k, v in zip(levels.numpy(), u.numpy())])
+    close = np.abs(cdf[levels.numpy()] - u.numpy()[:, None]).min(axis=1) < 1e-12  # round-off ties
+    assert (~close).sum() > 19000
+    assert np.array_equal(ours[~close], expected[~close])
+
+
+def test_shot_noise_on_and_off_the_8_bit_grid():
+    # Image 0 is on the 8-bit grid (inversion sampler), image 1 between grid values
+    # (torch.poisson): both are Poisson(rate x) / rate, and chunking changes nothing.
+    x = torch.full((2, 3, 64, 64), 128 / 255, dtype=torch.float64)
+    x[1] += 0.3 / 255
+    y = corrupt(x, "shot_noise", 2, preset="imagenet")  # rate 25
+    for i in range(2):
+        counts = y[i].flatten() * 25
+        assert torch.allclose(counts, counts.round(), atol=1e-4)
+        lam = 25 * float(x[i, 0, 0, 0])
+        assert abs(counts.mean().item() - lam) < 0.3 and abs(counts.var().item() - lam) < 1.5
+        assert torch.equal(corrupt(x[i : i + 1], "shot_noise", 2, preset="imagenet", index_offset=i), y[i : i + 1])

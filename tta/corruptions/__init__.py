@@ -148,7 +148,7 @@ def corrupt(
     out = torch.empty_like(x)
     # Per-value corruptions run faster on chunks that fit in the cache; those with
     # per-chunk sequential work (glass blur's wavefronts) on large ones.
-    chunk = max(1, entry.chunk_values or _CHUNK_VALUES // (c * h * w))
+    chunk = max(1, (entry.chunk_values or _CHUNK_VALUES) // (c * h * w))
     for start in range(0, n, chunk):
         xs = x[start : start + chunk]
         first = index_offset + start
@@ -161,7 +161,10 @@ def corrupt(
         # inputs a hair outside [0, 1] (round-off of a normalisation) are clipped.
         xf = xs.float().div_(255.0) if xs.dtype == torch.uint8 else xs.float().clamp(0.0, 1.0)
         y = entry.fn(xf, params, rng).clamp_(0.0, 1.0)
-        out[start : start + chunk] = to_dtype(y, x.dtype)
+        if x.dtype == torch.uint8:  # to_dtype, in place on the fresh y
+            out[start : start + chunk] = y.mul_(255.0).add_(1e-3)
+        else:
+            out[start : start + chunk] = y
     return out[0] if single else out
 
 

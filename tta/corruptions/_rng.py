@@ -11,7 +11,8 @@ corruption function asks for them, never on the other images of the call:
 splitting a call into chunks (with ``index_offset``) gives identical results.
 Draws are made on the CPU (generators are cheap there and device-independent)
 and moved to the images' device. Where numpy's generator is much faster (float64
-uniforms for shot noise's inverse-CDF Poisson sampler), an image also gets a
+uniforms for shot noise's inverse-CDF Poisson sampler, float32 uniforms for
+impulse noise), an image also gets a
 ``numpy.random.Generator(PCG64(s))`` seeded with the same 63-bit seed ``s``: a
 stream independent of the torch one, equally a function of the tuple.
 """
@@ -111,6 +112,14 @@ class ImageRNG:
         for row, i in zip(out, indices):
             gens[i].random(out=row)
         return torch.from_numpy(out)
+
+    def uniform32(self, *shape: int) -> torch.Tensor:
+        """Uniform float32 in [0, 1), ``(N, *shape)``, from the images' numpy
+        generators (faster than torch's), on the images' device."""
+        out = np.empty((len(self.numpy_generators), *shape), dtype=np.float32)
+        for row, g in zip(out, self.numpy_generators):
+            g.random(out=row, dtype=np.float32)
+        return torch.from_numpy(out).to(self.device)
 
     def poisson(self, rate: torch.Tensor) -> torch.Tensor:
         """Poisson draws with the given per-image rates (shape ``(N, ...)``), float32."""

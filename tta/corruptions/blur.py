@@ -290,7 +290,7 @@ def _glass_targets(height: int, width: int, max_delta: int, iterations: int, n: 
     cifar=[(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)],
     tiny=[(0.1, 1, 1), (0.5, 1, 1), (0.6, 1, 2), (0.7, 2, 1), (0.9, 2, 2)],
     imagenet=[(0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)],
-    chunk_values=1 << 23,
+    chunk_values=1 << 20,
 )
 def glass_blur(x: torch.Tensor, params, rng: ImageRNG) -> torch.Tensor:
     # Deliberate generalisation: the reference's loop bounds are its fixed image
