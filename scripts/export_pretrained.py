@@ -13,26 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from tta._atomic import atomic_file
 from tta.models import extract_state_dict, load_checkpoint, save_checkpoint
 from tta.models.shipped import PRETRAINED, PRETRAINED_DIR, sha256_of
 
 
 def _write_json_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def export(checkpoint_path: str | os.PathLike, name: str = "fashion_mnist", out_dir: str | os.PathLike = PRETRAINED_DIR) -> tuple[Path, Path]:

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from tta._atomic import atomic_file
 from tta.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, PRESETS, SEVERITIES, corrupt
 
 __all__ = ["CorruptedDataset", "export_corrupted"]
@@ -94,13 +95,8 @@ def _complete(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> bool:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def export_corrupted(

@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,6 +20,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from tta._atomic import atomic_file
 
 __all__ = ["RESULTS_JSON", "RESULTS_CSV", "ERROR_JSON", "atomic_write_bytes", "write_json",
            "read_json", "write_results", "write_error", "finished", "content_hash",
@@ -37,19 +38,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes ``data`` to a temporary file in the same directory, then renames it over
     ``path``: readers never see a partial file, concurrent writers of the same content are
     harmless."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "wb") as f:
+        f.write(data)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

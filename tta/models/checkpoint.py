@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tta._atomic import atomic_file
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "extract_state_dict"]
 
@@ -81,18 +82,8 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     A reader never sees a half-written file: it sees the old file or the new one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
     return path
 
 
