@@ -60,19 +60,24 @@ def filter_matrix(size: int, kernel: tuple[float, ...], mode: str) -> torch.Tens
 _BLOCK = 32
 
 
-@functools.lru_cache(maxsize=128)
-def _matrix_blocks(size: int, kernel: tuple[float, ...], mode: str) -> list[tuple[int, int, int, int, torch.Tensor]]:
-    """``filter_matrix`` cut into bands of ``_BLOCK`` output rows, each with the range
-    of input rows it reads: ``(out_lo, out_hi, in_lo, in_hi, block)``. On large
-    images this skips the matrix's zeros (the filter is local)."""
-    m = filter_matrix(size, kernel, mode)
+def band_blocks(m: torch.Tensor) -> list[tuple[int, int, int, int, torch.Tensor]]:
+    """A local filter matrix ``m`` (n x n) cut into bands of ``_BLOCK`` output rows, each
+    with the range of input rows it reads: ``(out_lo, out_hi, in_lo, in_hi, block)``.
+    On large images this skips the matrix's zeros."""
+    n = m.shape[0]
     blocks = []
-    for lo in range(0, size, _BLOCK):
-        hi = min(lo + _BLOCK, size)
+    for lo in range(0, n, _BLOCK):
+        hi = min(lo + _BLOCK, n)
         cols = torch.nonzero(m[lo:hi].abs().sum(0)).view(-1)
         a, b = int(cols.min()), int(cols.max()) + 1
         blocks.append((lo, hi, a, b, m[lo:hi, a:b].contiguous()))
     return blocks
+
+
+@functools.lru_cache(maxsize=128)
+def _matrix_blocks(size: int, kernel: tuple[float, ...], mode: str) -> list[tuple[int, int, int, int, torch.Tensor]]:
+    """``filter_matrix`` cut into bands (see :func:`band_blocks`)."""
+    return band_blocks(filter_matrix(size, kernel, mode))
 
 
 def _filter_axis(x: torch.Tensor, kernel: tuple[float, ...], mode: str, dim: int) -> torch.Tensor:

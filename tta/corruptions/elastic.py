@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from tta.corruptions._registry import register_corruption
 from tta.corruptions._rng import ImageRNG
+from tta.corruptions.blur import _BLOCK, band_blocks
 
 __all__ = ["elastic_transform"]
 
@@ -64,7 +65,6 @@ def _gaussian_reflect(f: torch.Tensor, sigma: float, truncate: float = 3.0) -> t
     return _apply_banded(f, _reflect_gaussian_blocks(w, float(sigma), truncate), dim=2)
 
 
-_BLOCK = 32
 
 
 @functools.lru_cache(maxsize=32)
@@ -75,13 +75,7 @@ def _reflect_gaussian_blocks(n: int, sigma: float, truncate: float) -> list[tupl
     m = _reflect_gaussian_matrix(n, sigma, truncate)
     if 2 * int(truncate * sigma + 0.5) + _BLOCK >= n // 2:
         return [(0, n, 0, n, m)]
-    blocks = []
-    for lo in range(0, n, _BLOCK):
-        hi = min(lo + _BLOCK, n)
-        cols = torch.nonzero(m[lo:hi].abs().sum(0)).view(-1)
-        a, b = int(cols.min()), int(cols.max()) + 1
-        blocks.append((lo, hi, a, b, m[lo:hi, a:b].contiguous()))
-    return blocks
+    return band_blocks(m)
 
 
 def _apply_banded(f: torch.Tensor, blocks, dim: int) -> torch.Tensor:
