@@ -4,7 +4,10 @@
 
 Writes DIR/report.md, DIR/report.csv and PNG plots (recovered_heatmap.png,
 accuracy_vs_severity.png, prior_batch_grid.png when a sweep varied blend's prior and the
-batch size), then prints the recovered-accuracy table.
+batch size; one set per model/dataset/protocol group), then prints the recovered-accuracy
+table. The runs' warnings, failed jobs and unreadable results files are listed in the report
+and on stderr; failed or unreadable jobs make the exit status 1 (the report of the others is
+still written), no readable run at all makes it 2.
 """
 from __future__ import annotations
 
@@ -34,11 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Accuracy recovered over the source model (percentage points), "
           f"{len(report['runs'])} run(s):\n")
     print(report["recovered"])
-    if report["errors"]:
-        print(f"\n{len(report['errors'])} failed job(s), see the report.")
     print("\nReport and plots:")
     for path in report["files"]:
         print(f"  {path}")
+    for warning in report["warnings"]:
+        print(f"warning: {warning['path']}: {warning['warning']}", file=sys.stderr)
+    for error in report["errors"]:
+        print(f"{error['kind']}: {error['file']}: {error['error_type']}: {error['error']}",
+              file=sys.stderr)
+    if report["errors"]:
+        print(f"{len(report['errors'])} failed or unreadable job(s), listed in "
+              f"{Path(args.out) / 'report.md'}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,41 +1,83 @@
-"""scripts/report.py over real (small) runs: tables, CSV, plots, labels, failed jobs."""
+"""scripts/report.py and tta.evaluation.report over synthetic results.json files: grouping by
+model/dataset/protocol, intervals, seeds, plots (inspected as matplotlib figures), failed,
+unreadable and superseded jobs, warnings."""
 from __future__ import annotations
 
 import csv
 import importlib.util
 import json
+import math
+import os
+import re
 from pathlib import Path
 
 import pytest
 
-from tta.evaluation import run_benchmark
-from tta.evaluation.report import label_runs, load_runs, write_report
-from tta.evaluation.results import write_error
+from tta.evaluation.report import (group_runs, label_runs, load_runs, recovered_heatmap,
+                                   severity_plot, wilson_interval, write_report)
+from tta.evaluation.results import write_error, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
+Z = 1.959963984540054  # standard normal 0.975 quantile
 
 
-def job(directory: Path, cache: Path, **kwargs) -> dict:
-    args = dict(dataset="digits", model="resnet8",
-                model_kwargs={"num_classes": 10, "in_channels": 1, "width": 4},
-                corruptions=["fog", "contrast"], severities=[1, 5], num_examples=32, device="cpu",
-                cache_dir=cache, progress=False, batch_size=8)
-    args.update(kwargs)
-    return run_benchmark(directory, **args)
+def results(method="source", *, source, correct=None, n=200, clean=180, model="resnet8",
+            dataset="digits", seed=0, stream="reset", batch_size=8, params=None, **extra):
+    """A results.json dict as scripts/evaluate.py writes it; ``source``/``correct``:
+    {(corruption, severity): correct images of n} for the source and the adapted model."""
+    correct = source if correct is None else correct
+    cells = [{"corruption": c, "severity": s, "num_examples": n,
+              "source_accuracy": source[c, s] / n, "accuracy": correct[c, s] / n,
+              "recovered": correct[c, s] / n - source[c, s] / n, "gap_closed": None,
+              "source_error": 1 - source[c, s] / n, "error": 1 - correct[c, s] / n,
+              "source_ece": 0.1, "ece": 0.05} for c, s in source]
+    mean = {k: sum(c[k] for c in cells) / len(cells)
+            for k in ("source_accuracy", "accuracy", "recovered", "ece")}
+    return {"status": "ok", "method": method, "params": params or {}, "stream": stream,
+            "stream_params": {}, "batch_size": batch_size, "num_examples": n, "dataset": dataset,
+            "model": model, "seed": seed, "clean_accuracy": clean / n, "cells": cells,
+            "mean": mean, "config": None, "images_per_second": 100.0, **extra}
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    cache = root / ".cache"
-    job(root / "source", cache, method="source")
+SOURCE = {("fog", 1): 150, ("contrast", 1): 120, ("fog", 5): 60, ("contrast", 5): 0}
+BATCH = {("fog", 1): 160, ("contrast", 1): 150, ("fog", 5): 110, ("contrast", 5): 90}
+
+
+def blend_correct(prior: int, batch_size: int) -> dict:
+    return {k: v + prior // 16 + batch_size for k, v in BATCH.items()}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    write_json(root / "source" / "results.json", results(source=SOURCE))
     for prior in (1, 64):
         for batch_size in (4, 16):
-            job(root / f"blend_{prior}_{batch_size}", cache, method="blend",
-                method_params={"prior": prior}, batch_size=batch_size)
+            write_json(root / f"blend_{prior}_{batch_size}" / "results.json", results(
+                "blend", source=SOURCE, correct=blend_correct(prior, batch_size),
+                params={"prior": prior, "alpha": None}, batch_size=batch_size))
     write_error(root / "broken", ValueError("adapt.prior must be >= 0, got -1"))
     return root
+
+
+def write(path: Path, run: dict) -> dict:
+    write_json(path / "results.json", run)
+    return {**run, "path": str(path)}
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("report_script", ROOT / "scripts" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def wilson64(k: int, n: int) -> tuple[float, float]:
+    p = k / n
+    centre = (p + Z * Z / (2 * n)) / (1 + Z * Z / n)
+    half = Z / (1 + Z * Z / n) * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n))
+    return centre - half, centre + half
 
 
 def test_labels_name_what_varies(sweep):
@@ -44,32 +86,29 @@ def test_labels_name_what_varies(sweep):
     assert labels["blend_1_4"] == "blend prior=1 bs=4"
     assert labels["source"] == "source bs=8"
     assert len(set(labels.values())) == len(runs) == 5
-    assert [e["error_type"] for e in errors] == ["ValueError"]
+    assert [(e["kind"], e["error_type"]) for e in errors] == [("failed", "ValueError")]
 
 
 def test_report_files(sweep, tmp_path):
     report = write_report([sweep], tmp_path / "report")
-    runs = {Path(r["path"]).name: r for r in report["runs"]}
     md = (tmp_path / "report" / "report.md").read_text()
-    blend = runs["blend_64_16"]
-    # the recovered table shows percentage points of the run's own numbers
     section = md.split("## Accuracy recovered (points), mean over severities")[1]
     row = next(line for line in section.splitlines() if line.startswith("| blend prior=64 bs=16 |"))
-    fog = sum(c["recovered"] for c in blend["cells"] if c["corruption"] == "fog") / 2
-    assert f"{100 * fog:+.1f}" in row.split("|")[2]
-    assert f"{100 * blend['mean']['recovered']:+.1f}" in row
+    fog = ((160 + 20 - 150) + (110 + 20 - 60)) / 2 / 200  # blend adds 64 // 16 + 16 = 20
+    assert row.split("|")[2].strip() == f"{100 * fog:+.1f}" == "+25.0"
     assert "## Failed jobs" in md and "adapt.prior must be >= 0" in md
     for severity in (1, 5):
         assert f"## Accuracy (%) at severity {severity}" in md
     rows = list(csv.DictReader((tmp_path / "report" / "report.csv").open()))
-    assert len(rows) == 5 * 4
-    fog5 = next(r for r in rows if r["label"] == "blend prior=64 bs=16"
+    cell_rows = [r for r in rows if "mean" not in (r["corruption"], r["severity"])]
+    assert len(cell_rows) == 5 * 4 and len(rows) == 5 * (4 + 2 + 2 + 1)
+    fog5 = next(r for r in cell_rows if r["label"] == "blend prior=64 bs=16"
                 and r["corruption"] == "fog" and r["severity"] == "5")
-    cell = next(c for c in blend["cells"] if (c["corruption"], c["severity"]) == ("fog", 5))
-    assert float(fog5["accuracy"]) == pytest.approx(cell["accuracy"])
+    assert float(fog5["accuracy"]) == pytest.approx(130 / 200, abs=1e-12)
     for name in ("recovered_heatmap.png", "accuracy_vs_severity.png", "prior_batch_grid.png"):
         assert (tmp_path / "report" / name).read_bytes()[:8] == PNG
         assert f"({name})" in md
+    assert len(report["groups"]) == 1
 
 
 def test_no_grid_without_a_prior_batch_sweep(sweep, tmp_path):
@@ -78,11 +117,185 @@ def test_no_grid_without_a_prior_batch_sweep(sweep, tmp_path):
     assert not (tmp_path / "prior_batch_grid.png").exists()
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("report_script", ROOT / "scripts" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_repeated_protocols_are_reported_once(tmp_path):
+    # a sweep over adapt.prior runs source once per prior; source ignores it
+    for prior in (1, 4):
+        write_json(tmp_path / "runs" / f"source_{prior}" / "results.json",
+                   results(source=SOURCE, params={"prior": None}))
+    report = write_report([tmp_path / "runs"], tmp_path / "report", plots=False)
+    assert report["labels"] == ["source"]
+    assert report["runs"][0]["params"] == {"prior": None}
+
+
+# --- item 4: one baseline per (model, dataset, protocol), never averaged across -----------
+
+def test_groups_never_average_models(tmp_path):
+    a, b = {("fog", 5): 247}, {("fog", 5): 177}  # of 1000 images
+    sweep = tmp_path / "sweep"
+    for method, gain in (("source", 0), ("batch", 300), ("blend", 280)):
+        write(sweep / f"a_{method}", results(method, source=a, correct={("fog", 5): 247 + gain},
+                                             n=1000, clean=900, model="resnet8",
+                                             params={"prior": 16} if method == "blend" else {}))
+    for method, gain in (("source", 0), ("batch", 200)):
+        write(sweep / f"b_{method}", results(method, source=b, correct={("fog", 5): 177 + gain},
+                                             n=1000, clean=800, model="resnet20"))
+    report = write_report([sweep], tmp_path / "report")
+    md = report["markdown"]
+    # the old report showed (3 x 24.7 + 2 x 17.7) / 5 = 21.9 as the source row
+    assert "21.9" not in md
+    assert md.count("## Group ") == 2
+    groups = md.split("## Group ")[1:]
+    source_rows = [next(line for line in g.splitlines() if line.startswith("| source (no adapt"))
+                   for g in groups]
+    assert [row.split("|")[2].split("[")[0].strip() for row in source_rows] == ["24.7", "17.7"]
+    assert "model resnet8" in groups[0] and "model resnet20" in groups[1]
+    names = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert names == ["accuracy_vs_severity_resnet20_digits_n1000.png",
+                     "accuracy_vs_severity_resnet8_digits_n1000.png",
+                     "recovered_heatmap_resnet20_digits_n1000.png",
+                     "recovered_heatmap_resnet8_digits_n1000.png"]
+    for group, source in zip(report["groups"], (24.7, 17.7)):
+        fig = severity_plot(group)
+        line = next(l for l in fig.axes[0].lines if l.get_label() == "source (no adaptation)")
+        assert list(line.get_ydata()) == pytest.approx([source])
+    rows = list(csv.DictReader((tmp_path / "report" / "report.csv").open()))
+    assert {r["model"]: r["group"] for r in rows} == {"resnet8": "1", "resnet20": "2"}
+
+
+def test_group_key_model_fingerprint_dataset_cells_not_stream_or_batch(tmp_path):
+    src = {("fog", 5): 100}
+    runs = [write(tmp_path / "1", results(source=src, fingerprints={"model": "aa" * 32, "data": "d"})),
+            write(tmp_path / "2", results("batch", source=src, correct={("fog", 5): 150},
+                                          fingerprints={"model": "bb" * 32, "data": "d"})),
+            write(tmp_path / "3", results("batch", source=src, correct={("fog", 5): 150},
+                                          dataset="fashion_mnist")),
+            write(tmp_path / "4", results("batch", source=src, correct={("fog", 5): 150}, n=100)),
+            write(tmp_path / "5", results("batch", source=src | {("fog", 1): 100})),
+            write(tmp_path / "6", results("batch", source=src, correct={("fog", 5): 150},
+                                          fingerprints={"model": "aa" * 32, "data": "d"},
+                                          stream="continual", batch_size=64))]
+    groups = group_runs(runs)
+    members = [sorted(Path(r["path"]).name for r in g.runs) for g in groups]
+    assert sorted(members) == [["1", "6"], ["2"], ["3"], ["4"], ["5"]]
+    # without a fingerprint, runs of one model name that disagree on the source accuracies
+    # (different weights) are not averaged either
+    other = write(tmp_path / "7", results("source", source={("fog", 5): 20}))
+    split = group_runs([write(tmp_path / "8", results(source=src)), other])
+    assert len(split) == 2 and "disagree on the source accuracies" in split[0].warnings[0]
+
+
+# --- item 7: the heatmap ----------------------------------------------------------------
+
+def test_heatmap_draws_every_cell_centred_colour_blind_safe(sweep):
+    from matplotlib.colors import TwoSlopeNorm
+
+    runs, _ = load_runs([sweep / "source", sweep / "blend_1_4", sweep / "blend_64_16"])
+    (group,) = group_runs(runs)
+    fig = recovered_heatmap(group)
+    ax = fig.axes[0]
+    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert len(texts) == 3 * 3 and all(re.fullmatch(r"[+-]\d+\.\d", t) for t in texts.values())
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    source, blend = labels.index("source bs=8"), labels.index("blend prior=64 bs=16")
+    assert [texts[source, j] for j in range(3)] == ["+0.0"] * 3  # drawn, not blank
+    fog = 100 * ((160 + 20 - 150) + (110 + 20 - 60)) / 2 / 200
+    contrast = 100 * ((150 + 20 - 120) + (90 + 20 - 0)) / 2 / 200
+    assert [texts[blend, j] for j in range(3)] == [f"{fog:+.1f}", f"{contrast:+.1f}",
+                                                   f"{(fog + contrast) / 2:+.1f}"] \
+        == ["+25.0", "+40.0", "+32.5"]
+    image = ax.images[0]
+    assert image.get_cmap().name == "RdBu"
+    assert isinstance(image.norm, TwoSlopeNorm) and image.norm.vcenter == 0
+    assert image.norm.vmin == -image.norm.vmax == -40.0
+    title = ax.get_title()
+    for part in ("resnet8", "digits", "200 images per cell", "stream reset"):
+        assert part in title
+
+
+# --- item 8: accuracy against severity -----------------------------------------------------
+
+def test_severity_plot_one_line_per_method_clean_reference_legend_outside(sweep):
+    runs, _ = load_runs([sweep / "source", sweep / "blend_1_4", sweep / "blend_64_16"])
+    (group,) = group_runs(runs)
+    fig = severity_plot(group)
+    ax = fig.axes[0]
+    lines = {l.get_label(): l for l in ax.lines}
+    assert sorted(lines) == ["blend prior=1 bs=4", "blend prior=64 bs=16", "clean (no corruption)",
+                             "source (no adaptation)"]  # no second source line
+    assert list(lines["source (no adaptation)"].get_ydata()) == pytest.approx(
+        [100 * (150 + 120) / 400, 100 * (60 + 0) / 400])
+    assert list(lines["clean (no corruption)"].get_ydata()) == pytest.approx([90.0, 90.0])
+    assert list(lines["blend prior=1 bs=4"].get_ydata()) == pytest.approx(
+        [100 * (164 + 154) / 400, 100 * (114 + 94) / 400])
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 >= ax.get_window_extent().x1  # outside, right of the data
+    assert "resnet8" in ax.get_title() and "digits" in ax.get_title()
+
+
+# --- item 9: intervals and seeds ----------------------------------------------------------
+
+@pytest.mark.parametrize("k, n", [(0, 200), (1, 200), (73, 200), (200, 200), (7, 9)])
+def test_wilson_interval_matches_the_formula(k, n):
+    assert wilson_interval(k, n) == pytest.approx(wilson64(k, n), abs=1e-12)
+
+
+def test_intervals_in_csv_and_markdown(sweep, tmp_path):
+    report = write_report([sweep / "source", sweep / "blend_1_4"], tmp_path, plots=False)
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    fog5 = next(r for r in rows if r["method"] == "blend" and (r["corruption"], r["severity"]) == ("fog", "5"))
+    assert (float(fog5["accuracy_ci95_low"]), float(fog5["accuracy_ci95_high"])) == \
+        pytest.approx(wilson64(114, 200), abs=1e-12)
+    assert (float(fog5["source_accuracy_ci95_low"]), float(fog5["source_accuracy_ci95_high"])) == \
+        pytest.approx(wilson64(60, 200), abs=1e-12)
+    pooled = next(r for r in rows if r["method"] == "blend" and r["corruption"] == r["severity"] == "mean")
+    correct = sum(blend_correct(1, 4).values())
+    assert float(pooled["accuracy"]) == pytest.approx(correct / 800)
+    assert (float(pooled["accuracy_ci95_low"]), float(pooled["accuracy_ci95_high"])) == \
+        pytest.approx(wilson64(correct, 800), abs=1e-12)
+    low, high = wilson64(correct, 800)
+    summary = report["markdown"].split("## Summary")[1]
+    row = next(line for line in summary.splitlines() if line.startswith("| blend"))
+    assert f"{100 * correct / 800:.1f} [{100 * low:.1f}, {100 * high:.1f}]" in row
+    assert "Wilson" in report["markdown"] and "understates" in report["markdown"]
+
+
+def test_seeds_give_mean_and_std(tmp_path):
+    src = {("fog", 1): 100, ("fog", 5): 50}
+    gains = (20, 26, 35)
+    for seed, gain in enumerate(gains):
+        write(tmp_path / f"batch_{seed}", results("batch", source=src, seed=seed,
+                                                  correct={k: v + gain for k, v in src.items()}))
+        write(tmp_path / f"source_{seed}", results(source=src, seed=seed))
+    report = write_report([tmp_path], tmp_path / "report")
+    (group,) = report["groups"]
+    assert [len(e.runs) for e in group.entries] == [3, 3]  # one row per method
+    values = [100 * g / 200 for g in gains]
+    mean = sum(values) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+    row = next(line for line in report["recovered"].splitlines() if line.startswith("| batch"))
+    assert row.split("|")[2].strip() == f"{mean:+.1f} ±{std:.1f}" == "+13.5 ±3.8"
+    ax = severity_plot(group).axes[0]
+    source_bars, bars = ax.containers  # the spread over seeds (none for the source model)
+    assert [s[1][1] - s[0][1] for s in source_bars.lines[2][0].get_segments()] == [0, 0]
+    segments = bars.lines[2][0].get_segments()
+    assert [s[1][1] - s[0][1] for s in segments] == pytest.approx([2 * std, 2 * std])
+    heat = recovered_heatmap(group).axes[0]
+    assert f"{mean:+.1f}\n±{std:.1f}" in [t.get_text() for t in heat.texts]
+
+
+# --- report sides of items 2, 5, 10, 14, 17 ----------------------------------------------
+
+def test_failed_jobs_are_listed_and_fail_the_command(sweep, tmp_path, capsys):
+    script = load_script()
+    assert script.main([str(sweep), "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "| method | fog | contrast | mean |" in captured.out
+    assert str(sweep / "broken") in captured.err and "ValueError" in captured.err
+    assert "adapt.prior must be >= 0, got -1" in captured.err
+    md = (tmp_path / "report.md").read_text()
+    assert f"| {sweep / 'broken'} | ValueError | adapt.prior must be >= 0, got -1 |" in md
+    assert "blend prior=64 bs=16" in md  # the successful runs are still reported
 
 
 def test_cli_prints_the_table_and_rejects_missing_dirs(sweep, tmp_path, capsys):
@@ -95,15 +308,73 @@ def test_cli_prints_the_table_and_rejects_missing_dirs(sweep, tmp_path, capsys):
         script.main([str(tmp_path / "nope"), "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no such run or sweep directory" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         script.main([str(sweep / "broken"), "--out", str(tmp_path)])  # only a failed job
+    assert exit_info.value.code == 2 and str(sweep / "broken") in capsys.readouterr().err
 
 
-def test_repeated_protocols_are_reported_once(sweep, tmp_path):
-    # a sweep over adapt.prior runs source once per prior; source ignores it
-    cache = tmp_path / "cache"
-    for prior in (1, 4):
-        job(tmp_path / "runs" / f"source_{prior}", cache, method="source", method_params={"prior": prior})
-    report = write_report([tmp_path / "runs"], tmp_path / "report", plots=False)
-    assert report["labels"] == ["source"]
-    assert report["runs"][0]["params"] == {"prior": None}
+@pytest.mark.parametrize("content", ["{not json", "[]", "null", "42", '{"method": "batch"}',
+                                     '{"method": "batch", "cells": [{"corruption": "fog"}]}'])
+def test_an_unreadable_results_file_is_named_and_the_rest_reported(sweep, tmp_path, capsys, content):
+    bad = sweep / "bad" / "results.json"
+    bad.parent.mkdir()
+    bad.write_text(content)
+    script = load_script()
+    assert script.main([str(sweep), "--out", str(tmp_path), "--no-plots"]) == 1
+    assert str(bad) in capsys.readouterr().err
+    md = (tmp_path / "report.md").read_text()
+    assert "## Unreadable results" in md and str(bad) in md
+    assert md.count("| blend prior=") >= 4  # the readable runs are reported
+
+
+def test_run_warnings_are_shown(sweep, tmp_path, capsys):
+    run = json.loads((sweep / "blend_1_4" / "results.json").read_text())
+    write_json(sweep / "blend_1_4" / "results.json",
+               {**run, "warnings": ["3 BatchNorm layers saw a batch of size 1"]})
+    script = load_script()
+    script.main([str(sweep / "blend_1_4"), str(sweep / "source"), "--out", str(tmp_path)])
+    assert "3 BatchNorm layers saw a batch of size 1" in capsys.readouterr().err
+    md = (tmp_path / "report.md").read_text()
+    section = md.split("## Warnings")[1]
+    assert "| blend bs=4 | " in section and "3 BatchNorm layers saw a batch of size 1" in section
+
+
+@pytest.mark.parametrize("stamped", [True, False])
+def test_a_job_shows_its_latest_outcome(tmp_path, stamped):
+    # both files in one directory (an older layout, or a move that did not happen)
+    old, new = "2026-01-01T10:00:00Z", "2026-01-02T10:00:00+00:00"
+    src = {("fog", 5): 100}
+    for name, results_time, error_time in (("failed_later", old, new), ("fixed_later", new, old)):
+        job = tmp_path / "sweep" / name
+        write_json(job / "results.json", results("batch", source=src, **(
+            {"finished_at": results_time} if stamped else {})))
+        write_json(job / "error.json", {"status": "error", "error_type": "RuntimeError",
+                                        "error": "out of memory", **(
+                                            {"finished_at": error_time} if stamped else {})})
+        if not stamped:  # by file modification time
+            os.utime(job / "results.json", (0, 1e9 if results_time == old else 2e9))
+            os.utime(job / "error.json", (0, 1e9 if error_time == old else 2e9))
+    runs, errors = load_runs([tmp_path / "sweep"])
+    assert [Path(r["path"]).name for r in runs] == ["fixed_later"]
+    assert [(Path(e["path"]).name, e["kind"], e["error"]) for e in errors] == [
+        ("failed_later", "failed", "out of memory")]
+
+
+def test_results_moved_aside_inside_a_job_are_not_another_run(tmp_path):
+    src = {("fog", 5): 100}
+    write(tmp_path / "job", results("batch", source=src, correct={("fog", 5): 150}))
+    write(tmp_path / "job" / "previous", results("batch", source=src, correct={("fog", 5): 120}))
+    report = write_report([tmp_path], tmp_path / "report", plots=False)
+    assert [Path(r["path"]).name for r in report["runs"]] == ["job"]
+    assert "inside the job directory" in report["markdown"].split("## Warnings")[1]
+
+
+def test_worst_class_accuracy_from_confusion(tmp_path):
+    run = results("batch", source={("fog", 5): 13}, correct={("fog", 5): 15}, n=20, clean=18)
+    run["cells"][0]["confusion"] = [[10, 0], [5, 5]]  # rows: true class
+    run["cells"][0]["source_confusion"] = [[9, 1], [6, 4]]
+    write(tmp_path / "job", run)
+    write_report([tmp_path / "job"], tmp_path / "report", plots=False)
+    rows = list(csv.DictReader((tmp_path / "report" / "report.csv").open()))
+    assert float(rows[0]["worst_class_accuracy"]) == 5 / 10
+    assert float(rows[0]["source_worst_class_accuracy"]) == 4 / 10

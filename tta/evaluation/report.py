@@ -1,8 +1,19 @@
 """Reports over finished jobs: tables (Markdown, CSV) and plots (PNG) behind scripts/report.py.
 
 Runs are found by their ``results.json`` (failed jobs by ``error.json``) anywhere below the
-given run or sweep directories. Each run gets a label: its method plus whatever differs
-between the runs (method parameters, stream, batch size, ...), e.g. ``blend prior=16 bs=8``.
+given run or sweep directories; a job directory holding both counts by its newer outcome.
+Runs are grouped by what defines their source baseline (:func:`group_key`: model, dataset,
+images per cell, corruption preset, set of cells); every group gets its own tables and plots,
+nothing is averaged across groups. Within a group, a row (an *entry*) is one protocol
+(method, parameters, stream, batch size); runs of that protocol with different ``seed`` are
+its replicates, shown as mean +- sample standard deviation over seeds. Each entry gets a label:
+its method plus whatever differs between the entries, e.g. ``blend prior=16 bs=8``.
+
+Intervals are 95% Wilson score intervals (Wilson 1927) of a binomial proportion, from
+``round(accuracy * n)`` correct of ``n`` images. The interval of a mean over cells (or seeds)
+is Wilson on the pooled counts; it treats all pooled predictions as independent, but every
+cell holds the same ``n`` images corrupted differently, so it understates the uncertainty
+about the image sample (a lower bound on it).
 """
 from __future__ import annotations
 
@@ -11,44 +22,272 @@ import io
 import json
 import logging
 import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from tta.evaluation.results import ERROR_JSON, RESULTS_JSON, atomic_write_bytes, read_json
 
-__all__ = ["load_runs", "label_runs", "recovered_table", "accuracy_tables", "summary_table",
-           "markdown_table", "write_report"]
+__all__ = ["load_runs", "group_key", "group_runs", "label_runs", "wilson_interval",
+           "recovered_table", "accuracy_tables", "summary_table", "markdown_table",
+           "recovered_heatmap", "severity_plot", "write_report", "Entry", "Group"]
 
 logger = logging.getLogger(__name__)
 
-# run-level settings that name a run when they differ between runs (key, short name)
+CONFIDENCE = 0.95
+HEATMAP_CMAP = "RdBu"  # diverging, colour-blind safe (ColorBrewer); red = lost, blue = won
+
+# run-level settings that name an entry when they differ between entries (key, short name)
 _LABEL_KEYS = (("stream", None), ("batch_size", "bs"), ("num_examples", "n"),
-               ("dataset", None), ("model", None), ("seed", "seed"))
+               ("dataset", None), ("model", None))
+_CELL_KEYS = ("corruption", "severity", "source_accuracy", "accuracy", "recovered")
+
+
+# --- loading --------------------------------------------------------------------------------
+
+def _problem(run: Any) -> str | None:
+    """Why ``run`` (parsed results.json) cannot be reported, or None."""
+    if not isinstance(run, dict):
+        return f"expected a JSON object, got {json.dumps(run)[:40]}"
+    missing = [k for k in ("method", "cells") if k not in run]
+    if missing:
+        return f"missing key(s) {missing}"
+    if not isinstance(run["cells"], list) or not run["cells"]:
+        return "'cells' must be a non-empty list"
+    for i, cell in enumerate(run["cells"]):
+        if not isinstance(cell, dict) or any(k not in cell for k in _CELL_KEYS):
+            return f"cells[{i}] must be an object with keys {list(_CELL_KEYS)}"
+        bad = [k for k in _CELL_KEYS[2:] if isinstance(cell[k], bool)
+               or not isinstance(cell[k], (int, float))]
+        if bad or isinstance(cell["severity"], bool) or not isinstance(cell["severity"], int):
+            return f"cells[{i}] has non-numeric {bad or ['severity']}"
+        if not 0 <= cell["source_accuracy"] <= 1 or not 0 <= cell["accuracy"] <= 1:
+            return f"cells[{i}] has an accuracy outside [0, 1]"
+    clean = run.get("clean_accuracy")
+    if clean is not None and (not isinstance(clean, (int, float)) or not 0 <= clean <= 1):
+        return f"clean_accuracy must be null or in [0, 1], got {clean!r}"
+    return None
+
+
+def _read(file: Path) -> tuple[Any, str | None]:
+    try:
+        return read_json(file), None
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None, f"{type(error).__name__}: {error}"
+
+
+def _finished_at(obj: Any) -> datetime | None:
+    value = obj.get("finished_at") if isinstance(obj, dict) else None
+    try:
+        time = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return time if time.tzinfo else time.replace(tzinfo=timezone.utc)
+
+
+def _job_files(root: Path) -> dict[Path, dict[str, Path]]:
+    """Job directories below ``root`` (or the job of the file ``root``) -> {"results", "error"}."""
+    if root.is_file():
+        return {root.parent: {"error" if root.name == ERROR_JSON else "results": root}}
+    jobs: dict[Path, dict[str, Path]] = {}
+    for name, kind in ((RESULTS_JSON, "results"), (ERROR_JSON, "error")):
+        for file in root.rglob(name):
+            jobs.setdefault(file.parent, {})[kind] = file
+    return dict(sorted(jobs.items()))
 
 
 def load_runs(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Finished runs (results.json, with ``path`` added) and failed jobs (error.json) below
-    ``paths`` (run directories, sweep directories or results.json files).
+    """Finished runs and problems below ``paths`` (run directories, sweep directories or
+    results.json / error.json files).
+
+    A job directory holding both ``results.json`` and ``error.json`` counts by the newer one
+    (``finished_at``, UTC ISO 8601, when both files carry it, else the file modification
+    time; a tie counts as failed). Outcomes nested inside another job's directory (earlier
+    results moved aside) are not jobs.
+
+    Returns:
+        ``(runs, problems)``: each run is its results.json with ``path`` (the job directory)
+        added; each problem is ``{"kind", "path", "file", "error_type", "error"}`` with kind
+        ``"failed"`` (error.json), ``"unreadable"`` (a results.json / error.json that is not
+        valid JSON or lacks required keys) or ``"ignored"`` (nested, see above).
 
     Raises:
         FileNotFoundError: a path does not exist.
     """
-    runs, errors = [], []
-    for path in map(Path, paths):
+    paths = [Path(p) for p in paths]
+    for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"no such run or sweep directory: {str(path)!r}")
-        files = [path] if path.is_file() else sorted(path.rglob(RESULTS_JSON))
-        for file in files:
-            run = read_json(file)
-            run["path"] = str(file.parent)
-            runs.append(run)
-        if path.is_dir():
-            for file in sorted(path.rglob(ERROR_JSON)):
-                if not (file.parent / RESULTS_JSON).exists():
-                    error = read_json(file)
-                    errors.append({"path": str(file.parent), "error_type": error.get("error_type"),
-                                   "error": error.get("error")})
-    return runs, errors
+    runs, problems = [], []
+    for path in paths:
+        jobs = _job_files(path)
+        for directory, files in jobs.items():
+            def problem(kind: str, file: Path, error_type: str, error: str) -> None:
+                problems.append({"kind": kind, "path": str(directory), "file": str(file),
+                                 "error_type": error_type, "error": error})
+
+            outer = next((p for p in directory.parents if p in jobs), None)
+            if outer is not None:
+                for file in files.values():
+                    problem("ignored", file, "nested", f"inside the job directory {outer}")
+                continue
+            read = {kind: _read(file) for kind, file in files.items()}
+            for kind, (_, error) in read.items():
+                if error:
+                    problem("unreadable", files[kind], error.split(":")[0], error)
+            read = {kind: obj for kind, (obj, error) in read.items() if not error}
+            if "results" in read and "error" in read:  # the newer outcome counts
+                times = [_finished_at(read[k]) for k in ("results", "error")]
+                if None in times:
+                    times = [files[k].stat().st_mtime for k in ("results", "error")]
+                del read["results" if times[1] >= times[0] else "error"]
+            if "error" in read:
+                error = read["error"] if isinstance(read["error"], dict) else {}
+                problem("failed", files["error"], str(error.get("error_type", "unknown")),
+                        str(error.get("error", read["error"])))
+            elif "results" in read:
+                why = _problem(read["results"])
+                if why:
+                    problem("unreadable", files["results"], "invalid results.json", why)
+                else:
+                    runs.append({**read["results"], "path": str(directory)})
+    return runs, problems
+
+
+# --- grouping -------------------------------------------------------------------------------
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def group_key(run: Mapping[str, Any]) -> str:
+    """What defines a run's source baseline, as a JSON string: model (name, fingerprint and,
+    from the Hydra config, its weights/kwargs), dataset (name, fingerprint, config), images
+    per cell, corruption preset and code fingerprint, and the set of (corruption, severity)
+    cells. Not in it: method, stream and batch size (they change the adapted numbers, not the
+    source model's, which is evaluated in eval mode) and ``seed`` (runs differing only in
+    seed are replicates, reported as mean +- std)."""
+    config, fingerprints = _dict(run.get("config")), _dict(run.get("fingerprints"))
+    return json.dumps({
+        "model": run.get("model"), "model_fingerprint": fingerprints.get("model"),
+        "model_config": config.get("model"),
+        "dataset": run.get("dataset"), "data_fingerprint": fingerprints.get("data"),
+        "dataset_config": config.get("dataset"), "num_examples": run.get("num_examples"),
+        "corruption_code": fingerprints.get("corruption_code"),
+        "preset": _dict(config.get("corruption")).get("preset"),
+        "cells": sorted({(c["corruption"], int(c["severity"])) for c in run["cells"]}),
+    }, sort_keys=True, default=str)
+
+
+@dataclass
+class Entry:
+    """One row of a group's tables: one protocol; ``runs`` are its replicates (one per seed)."""
+    label: str
+    runs: list[dict[str, Any]]
+
+
+@dataclass
+class Group:
+    """Runs sharing one source baseline (:func:`group_key`)."""
+    key: str
+    entries: list[Entry]
+    baseline: list[dict[str, Any]]  # one run per seed: its source_* and clean numbers
+    name: str = ""  # file-name suffix ("" for a report with one group)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        return [run for entry in self.entries for run in entry.runs]
+
+    @property
+    def first(self) -> dict[str, Any]:
+        return self.baseline[0]
+
+    def title(self) -> str:
+        run, fingerprints = self.first, _dict(self.first.get("fingerprints"))
+
+        def named(value: Any, sha: Any) -> str:
+            return f"{value} ({str(sha)[:8]})" if sha else str(value)
+
+        return (f"model {named(run.get('model'), fingerprints.get('model'))}, dataset "
+                f"{named(run.get('dataset'), fingerprints.get('data'))}, "
+                f"{run.get('num_examples')} images per cell")
+
+    def protocol(self) -> str:
+        seeds = sorted({str(r.get("seed")) for r in self.runs})
+        preset = json.loads(self.key)["preset"]
+        return (f"{self.title()}; {len(_corruptions(self.runs))} corruption(s) x "
+                f"{len(_severities(self.runs))} severity(ies)"
+                + (f", corruption preset {preset}" if preset is not None else "")
+                + f"; stream {', '.join(_distinct(self.runs, 'stream'))}; batch size "
+                f"{', '.join(_distinct(self.runs, 'batch_size'))}; seed(s) {', '.join(seeds)}")
+
+
+def _distinct(runs: Sequence[Mapping[str, Any]], key: str) -> list[str]:
+    return list(dict.fromkeys(str(r.get(key)) for r in runs))
+
+
+def _source_signature(run: Mapping[str, Any]) -> str:
+    return json.dumps([run.get("clean_accuracy"),
+                       sorted((c["corruption"], int(c["severity"]), round(c["source_accuracy"], 9))
+                              for c in run["cells"])])
+
+
+def _protocol(run: Mapping[str, Any]) -> str:
+    return json.dumps([run.get(k) for k in ("method", "params", "stream", "stream_params",
+                                            "batch_size")], sort_keys=True, default=str)
+
+
+def group_runs(runs: Sequence[dict[str, Any]]) -> list[Group]:
+    """Groups (ordered as their first run in ``runs``) of entries (ordered likewise).
+
+    Runs with the same :func:`group_key` and seed must agree on the source accuracies; if
+    they do not (a different model or data without a recorded fingerprint), the group is
+    split by seed and source accuracies, with a warning."""
+    keyed: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        keyed.setdefault(group_key(run), []).append(run)
+    parts: list[tuple[str, list[dict[str, Any]], list[str]]] = []
+    for key, members in keyed.items():
+        signatures: dict[Any, set[str]] = {}
+        for run in members:
+            signatures.setdefault(run.get("seed"), set()).add(_source_signature(run))
+        if all(len(s) == 1 for s in signatures.values()):
+            parts.append((key, members, []))
+            continue
+        split: dict[tuple, list[dict[str, Any]]] = {}
+        for run in members:
+            split.setdefault((run.get("seed"), _source_signature(run)), []).append(run)
+        warning = (f"runs of the same model name, dataset and protocol disagree on the source "
+                   f"accuracies ({', '.join(r['path'] for r in members)}): a different model or "
+                   f"data without a recorded fingerprint? Reported as {len(split)} separate groups.")
+        parts += [(key, part, [warning]) for part in split.values()]
+    groups = []
+    for key, members, warnings in parts:
+        entries: dict[str, list[list[dict[str, Any]]]] = {}
+        for run in members:  # a repeated (protocol, seed) with other numbers is another entry
+            replicates = entries.setdefault(_protocol(run), [])
+            free = next((r for r in replicates if run.get("seed") not in
+                         [x.get("seed") for x in r]), None)
+            if free is None:
+                replicates.append(free := [])
+            free.append(run)
+        rows = [replicate for replicates in entries.values() for replicate in replicates]
+        labels = label_runs([replicate[0] for replicate in rows])
+        baseline: dict[Any, dict[str, Any]] = {}
+        for run in members:
+            baseline.setdefault(run.get("seed"), run)
+        groups.append(Group(key, [Entry(*e) for e in zip(labels, rows)],
+                            list(baseline.values()), warnings=warnings))
+    if len(groups) > 1:  # file-name suffixes; the group number where they would clash
+        names = [re.sub(r"[^A-Za-z0-9._=-]+", "-", "{model}_{dataset}_n{num_examples}".format(
+            **{k: g.first.get(k) for k in ("model", "dataset", "num_examples")})) for g in groups]
+        for i, (group, name) in enumerate(zip(groups, names), 1):
+            group.name = f"_{name}" if names.count(name) == 1 else f"_{name}-{i}"
+    return groups
 
 
 def _short(value: Any) -> str:
@@ -58,13 +297,14 @@ def _short(value: Any) -> str:
 
 
 def label_runs(runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """A short, unique label per run: the method plus the settings that vary across runs."""
+    """A short, unique label per run: the method plus the settings that vary across runs
+    (``seed`` is not one of them: seeds are replicates of one entry)."""
     labels = []
     for run in runs:
         same_method = [r for r in runs if r["method"] == run["method"]]
         parts = [run["method"]]
-        for key, value in sorted(run.get("params", {}).items()):
-            if len({json.dumps(r.get("params", {}).get(key)) for r in same_method}) > 1:
+        for key, value in sorted(_dict(run.get("params")).items()):
+            if len({json.dumps(_dict(r.get("params")).get(key)) for r in same_method}) > 1:
                 parts.append(f"{key}={_short(value)}")
         for key, short in _LABEL_KEYS:
             if len({json.dumps(r.get(key)) for r in runs}) > 1:
@@ -78,29 +318,59 @@ def label_runs(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     return labels
 
 
+# --- numbers --------------------------------------------------------------------------------
+
+def wilson_interval(correct: int, total: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval (Wilson 1927, without continuity correction) of the proportion
+    ``correct / total``, via ``scipy.stats.binomtest(...).proportion_ci(method="wilson")``.
+
+    Raises:
+        ValueError: ``total < 1`` or ``correct`` outside ``0..total``.
+    """
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(correct), int(total)).proportion_ci(confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def _corruptions(runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    names: list[str] = []
-    for run in runs:
-        for cell in run["cells"]:
-            if cell["corruption"] not in names:
-                names.append(cell["corruption"])
-    return names
+    return list(dict.fromkeys(c["corruption"] for run in runs for c in run["cells"]))
 
 
 def _severities(runs: Sequence[Mapping[str, Any]]) -> list[int]:
     return sorted({int(c["severity"]) for run in runs for c in run["cells"]})
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def _mean(values: Iterable[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
 
+def _cells(run: Mapping[str, Any], corruption: str | None = None,
+           severity: int | None = None) -> list[Mapping[str, Any]]:
+    return [c for c in run["cells"] if (corruption is None or c["corruption"] == corruption)
+            and (severity is None or int(c["severity"]) == severity)]
+
+
 def _cell_mean(run: Mapping[str, Any], key: str, corruption: str | None = None,
                severity: int | None = None) -> float | None:
-    return _mean([c[key] for c in run["cells"]
-                  if (corruption is None or c["corruption"] == corruption)
-                  and (severity is None or int(c["severity"]) == severity)])
+    return _mean(c.get(key) for c in _cells(run, corruption, severity))
+
+
+def _counts(runs: Sequence[Mapping[str, Any]], key: str, corruption: str | None = None,
+            severity: int | None = None) -> tuple[int, int] | None:
+    """Pooled (correct, images) of accuracy ``key`` over the runs' matching cells (or, for
+    ``clean_accuracy``, over the runs), None when a count is unknown."""
+    correct = total = 0
+    for run in runs:
+        items = [(run.get(key), run.get("num_examples"))] if key == "clean_accuracy" else \
+            [(c.get(key), c.get("num_examples", run.get("num_examples")))
+             for c in _cells(run, corruption, severity)]
+        for value, n in items:
+            if value is None or not isinstance(n, int) or n < 1:
+                return None
+            correct, total = correct + round(value * n), total + n
+    return (correct, total) if total else None
 
 
 def _pct(value: float | None, signed: bool = False) -> str:
@@ -109,56 +379,278 @@ def _pct(value: float | None, signed: bool = False) -> str:
     return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
 
 
+def _spread(values: Sequence[float | None], signed: bool = False,
+            counts: tuple[int, int] | None = None) -> str:
+    """``mean`` (%), ``+-std`` over seeds when more than one, ``[low, high]`` 95% Wilson."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    text = _pct(sum(values) / len(values), signed)
+    if len(values) > 1:
+        text += f" ±{100 * statistics.stdev(values):.1f}"
+    if counts is not None:
+        low, high = wilson_interval(*counts)
+        text += f" [{100 * low:.1f}, {100 * high:.1f}]"
+    return text
+
+
+def _worst_class(confusion: Any) -> float | None:
+    """Lowest per-class recall of a C x C confusion matrix (rows: true class), or None."""
+    if not isinstance(confusion, list) or not all(isinstance(r, list) and len(r) == len(confusion)
+                                                  for r in confusion):
+        return None
+    recalls = [row[i] / sum(row) for i, row in enumerate(confusion) if sum(row) > 0]
+    return min(recalls) if recalls else None
+
+
+# --- tables ---------------------------------------------------------------------------------
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown table (first column left-aligned, the others right)."""
-    lines = ["| " + " | ".join(map(str, header)) + " |",
+    def text(value: Any) -> str:
+        return " ".join(str(value).split()).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(text, header)) + " |",
              "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    lines += ["| " + " | ".join(map(text, row)) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def recovered_table(runs: Sequence[Mapping[str, Any]], labels: Sequence[str],
-                    severity: int | None = None) -> tuple[list[str], list[list[str]]]:
-    """Accuracy recovered (percentage points) per run x corruption, averaged over severities
-    (or at one ``severity``), with the mean over corruptions in the last column."""
-    names = _corruptions(runs)
-    rows = [[label, *(_pct(_cell_mean(run, "recovered", c, severity), True) for c in names),
-             _pct(_cell_mean(run, "recovered", None, severity), True)]
-            for run, label in zip(runs, labels)]
+def recovered_table(group: Group, severity: int | None = None) -> tuple[list[str], list[list[str]]]:
+    """Accuracy recovered (percentage points) per entry x corruption, averaged over severities
+    (or at one ``severity``), with the mean over corruptions in the last column; mean +- std
+    over seeds when an entry has several. No interval: that of a paired difference needs the
+    per-image predictions."""
+    names = _corruptions(group.runs)
+    rows = [[entry.label,
+             *(_spread([_cell_mean(r, "recovered", c, severity) for r in entry.runs], True)
+               for c in [*names, None])] for entry in group.entries]
     return ["method", *names, "mean"], rows
 
 
-def accuracy_tables(runs: Sequence[Mapping[str, Any]], labels: Sequence[str]
-                    ) -> dict[int, tuple[list[str], list[list[str]]]]:
-    """Per severity: accuracy (%) per run x corruption with the mean; the first row is the
-    source model (taken from the first run)."""
-    names = _corruptions(runs)
+def accuracy_tables(group: Group) -> dict[int, tuple[list[str], list[list[str]]]]:
+    """Per severity: accuracy (%) [95% Wilson interval] per entry x corruption with the mean
+    over corruptions; the first row is the group's source model (no adaptation)."""
+    names = _corruptions(group.runs)
     tables = {}
-    for severity in _severities(runs):
-        rows = [["source (no adaptation)",
-                 *(_pct(_mean([_cell_mean(r, "source_accuracy", c, severity) for r in runs]))
-                   for c in names),
-                 _pct(_mean([_cell_mean(r, "source_accuracy", None, severity) for r in runs]))]]
-        rows += [[label, *(_pct(_cell_mean(run, "accuracy", c, severity)) for c in names),
-                  _pct(_cell_mean(run, "accuracy", None, severity))]
-                 for run, label in zip(runs, labels)]
+    for severity in _severities(group.runs):
+        def row(label: str, runs: Sequence[Mapping[str, Any]], key: str) -> list[str]:
+            return [label, *(_spread([_cell_mean(r, key, c, severity) for r in runs], False,
+                                     _counts(runs, key, c, severity)) for c in [*names, None])]
+
+        rows = [row("source (no adaptation)", group.baseline, "source_accuracy")]
+        rows += [row(e.label, e.runs, "accuracy") for e in group.entries]
         tables[severity] = (["method", *names, "mean"], rows)
     return tables
 
 
-def summary_table(runs: Sequence[Mapping[str, Any]], labels: Sequence[str]
-                  ) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "clean acc", "source acc", "accuracy", "recovered", "gap closed",
-              "ECE", "mCE", "images/s"]
+def summary_table(group: Group) -> tuple[list[str], list[list[str]]]:
+    """Per entry, means over all cells: clean, source and adapted accuracy with 95% Wilson
+    intervals (pooled counts), recovered, gap closed, ECE, mCE, throughput; +- std over seeds."""
+    header = ["method", "seeds", "clean acc", "source acc", "accuracy", "recovered",
+              "gap closed", "ECE", "mCE", "images/s"]
     rows = []
-    for run, label in zip(runs, labels):
-        mean = run["mean"]
-        ips = run.get("images_per_second")
-        rows.append([label, _pct(run.get("clean_accuracy")), _pct(mean["source_accuracy"]),
-                     _pct(mean["accuracy"]), _pct(mean["recovered"], True),
-                     _pct(mean.get("gap_closed")), _pct(mean.get("ece")), _pct(mean.get("mce")),
+    for entry in group.entries:
+        runs = entry.runs
+        means = [_dict(r.get("mean")) for r in runs]
+        ips = _mean(r.get("images_per_second") for r in runs)
+        rows.append([entry.label, len(runs),
+                     _spread([r.get("clean_accuracy") for r in runs], False,
+                             _counts(runs, "clean_accuracy")),
+                     _spread([_cell_mean(r, "source_accuracy") for r in runs], False,
+                             _counts(runs, "source_accuracy")),
+                     _spread([_cell_mean(r, "accuracy") for r in runs], False,
+                             _counts(runs, "accuracy")),
+                     _spread([_cell_mean(r, "recovered") for r in runs], True),
+                     _spread([m.get("gap_closed") for m in means]),
+                     _spread([_cell_mean(r, "ece") for r in runs]),
+                     _spread([m.get("mce") for m in means]),
                      "-" if ips is None else f"{ips:.0f}"])
     return header, rows
+
+
+_CSV_COLUMNS = ["group", "label", "method", "params", "stream", "batch_size", "num_examples",
+                "dataset", "model", "seed", "corruption", "severity", "clean_accuracy",
+                "source_accuracy", "source_accuracy_ci95_low", "source_accuracy_ci95_high",
+                "accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "recovered", "gap_closed",
+                "source_error", "error", "source_ece", "ece", "source_worst_class_accuracy",
+                "worst_class_accuracy", "run_id", "path"]
+
+_MEAN_COLUMNS = ("source_accuracy", "accuracy", "recovered", "source_error", "error",
+                 "source_ece", "ece")
+
+
+def _report_csv(groups: Sequence[Group]) -> str:
+    """One row per run and cell, then per run the means: over corruptions at each severity
+    (corruption ``mean``), over severities per corruption (severity ``mean``) and over all
+    cells (both ``mean``); intervals on pooled counts."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(_CSV_COLUMNS)
+    for number, group in enumerate(groups, 1):
+        names, severities = _corruptions(group.runs), _severities(group.runs)
+        for entry in group.entries:
+            for run in entry.runs:
+                rows = [dict(cell, source_worst_class_accuracy=_worst_class(cell.get("source_confusion")),
+                             worst_class_accuracy=_worst_class(cell.get("confusion")))
+                        for cell in run["cells"]]
+                for corruption, severity in ([(None, s) for s in severities]
+                                             + [(c, None) for c in names] + [(None, None)]):
+                    cells = _cells(run, corruption, severity)
+                    row = {k: _mean(c.get(k) for c in cells) for k in _MEAN_COLUMNS}
+                    clean, source = run.get("clean_accuracy"), row["source_accuracy"]
+                    row["gap_closed"] = (row["recovered"] / (clean - source) if clean is not None
+                                         and clean - source > 1e-12 else None)
+                    rows.append({**row, "corruption": corruption or "mean",
+                                 "severity": "mean" if severity is None else severity})
+                for row in rows:
+                    for key in ("source_accuracy", "accuracy"):
+                        counts = _counts([run], key, *(None if row[k] == "mean" else row[k]
+                                                      for k in ("corruption", "severity")))
+                        if counts:
+                            row[f"{key}_ci95_low"], row[f"{key}_ci95_high"] = wilson_interval(*counts)
+                    row = {**run, **row, "group": number, "label": entry.label,
+                           "params": json.dumps(run.get("params", {}), sort_keys=True)}
+                    writer.writerow([row.get(c) for c in _CSV_COLUMNS])
+    return out.getvalue()
+
+
+# --- plots ----------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _heading(group: Group, what: str) -> str:
+    streams = ", ".join(_distinct(group.runs, "stream"))
+    sizes = ", ".join(_distinct(group.runs, "batch_size"))
+    return f"{what}\n{group.title()}; stream {streams}; batch size {sizes}"
+
+
+def recovered_heatmap(group: Group):
+    """Figure: accuracy recovered (points), entries x corruptions (+ mean), mean over
+    severities; every cell annotated with one decimal (and +-std over seeds), diverging
+    colour-blind-safe map centred at 0."""
+    plt = _pyplot()
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    names = [*_corruptions(group.runs), None]
+    values = [[[_cell_mean(r, "recovered", c) for r in e.runs] for c in names]
+              for e in group.entries]
+    data = np.array([[100 * (_mean(v) if _mean(v) is not None else math.nan) for v in row]
+                     for row in values], dtype=float)
+    bound = max(1.0, float(np.nanmax(np.abs(data), initial=0.0)))
+    fig, ax = plt.subplots(figsize=(1.5 + 0.75 * len(names), 1.6 + 0.5 * len(group.entries)))
+    image = ax.imshow(data, cmap=HEATMAP_CMAP, norm=TwoSlopeNorm(0.0, -bound, bound),
+                      aspect="auto")
+    ax.set_xticks(range(len(names)), [n or "mean" for n in names], rotation=60, ha="right")
+    ax.set_yticks(range(len(group.entries)), [e.label for e in group.entries])
+    for (i, j), value in np.ndenumerate(data):
+        seeds = [v for v in values[i][j] if v is not None]
+        text = "-" if math.isnan(value) else f"{value:+.1f}"
+        if len(seeds) > 1:
+            text += f"\n±{100 * statistics.stdev(seeds):.1f}"
+        ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                color="w" if abs(value) > 0.6 * bound else "k")
+    fig.colorbar(image, ax=ax, label="accuracy recovered (points)")
+    ax.set_title(_heading(group, "Accuracy recovered over the source model, mean over "
+                                 "severities"), fontsize=9)
+    return fig
+
+
+def severity_plot(group: Group):
+    """Figure: accuracy (%, mean over corruptions) against severity: the source model
+    (dashed), one line per adapting entry (error bars: std over seeds when several), the
+    clean accuracy (dotted); legend outside the axes."""
+    plt = _pyplot()
+
+    severities = _severities(group.runs)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+
+    def line(runs: Sequence[Mapping[str, Any]], key: str, style: str, label: str) -> None:
+        values = [[_cell_mean(r, key, None, s) for r in runs] for s in severities]
+        (drawn,) = ax.plot(severities, [100 * _mean(v) for v in values], style, label=label)
+        if len(runs) > 1:  # the spread over seeds
+            ax.errorbar(severities, drawn.get_ydata(), fmt="none", capsize=3,
+                        yerr=[100 * statistics.stdev(v) for v in values], ecolor=drawn.get_color())
+
+    line(group.baseline, "source_accuracy", "k--o", "source (no adaptation)")
+    for entry in group.entries:
+        if entry.runs[0]["method"] != "source":  # the source model is the dashed line
+            line(entry.runs, "accuracy", "-o", entry.label)
+    clean = _mean(r.get("clean_accuracy") for r in group.baseline)
+    if clean is not None:
+        ax.axhline(100 * clean, color="0.4", linestyle=":", label="clean (no corruption)")
+    ax.set_xlabel("severity")
+    ax.set_ylabel("accuracy (%), mean over corruptions")
+    ax.set_xticks(severities)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
+    ax.set_title(_heading(group, "Accuracy against severity"), fontsize=9)
+    return fig
+
+
+def _grids(group: Group) -> list[tuple[str, Any]]:
+    """(name suffix, figure) per blend setting (stream, other parameters) whose entries vary
+    both the prior N and the batch size: the figure of Schneider et al. (2020)."""
+    plt = _pyplot()
+    import numpy as np
+
+    settings: dict[str, dict[tuple, float]] = {}
+    for entry in group.entries:
+        run = entry.runs[0]
+        params = dict(_dict(run.get("params")))
+        if run["method"] != "blend" or params.get("alpha") is not None or "prior" not in params:
+            continue
+        prior = params.pop("prior")
+        setting = json.dumps([run.get("stream"), run.get("stream_params"), params],
+                             sort_keys=True, default=str)
+        settings.setdefault(setting, {}).setdefault(
+            (prior, run.get("batch_size")), _mean(_cell_mean(r, "accuracy") for r in entry.runs))
+    figures = []
+    for setting, values in settings.items():
+        priors, sizes = sorted({p for p, _ in values}), sorted({b for _, b in values})
+        if len(priors) < 2 or len(sizes) < 2:
+            continue
+        data = np.array([[100 * values.get((p, b), math.nan) for b in sizes] for p in priors])
+        fig, ax = plt.subplots(figsize=(2.0 + 0.8 * len(sizes), 2.0 + 0.5 * len(priors)))
+        image = ax.imshow(data, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(sizes)), sizes)
+        ax.set_yticks(range(len(priors)), [_short(p) for p in priors])
+        for (i, j), value in np.ndenumerate(data):
+            ax.text(j, i, "-" if math.isnan(value) else f"{value:.1f}", ha="center",
+                    va="center", color="w", fontsize=8)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("prior N")
+        fig.colorbar(image, ax=ax, label="accuracy (%)")
+        stream, _, params = json.loads(setting)
+        ax.set_title(f"blend: mean accuracy by prior N and batch size\n{group.title()}; stream "
+                     f"{stream}" + "".join(f"; {k}={v}" for k, v in sorted(params.items())),
+                     fontsize=9)
+        figures.append(("" if len(figures) == 0 else f"_{len(figures) + 1}", fig))
+    return figures
+
+
+def _save(fig, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+# --- the report -----------------------------------------------------------------------------
+
+def _sort_key(order: Mapping[str, int]):
+    return lambda r: (order.get(r["method"], len(order)),
+                      json.dumps(r.get("params"), sort_keys=True, default=str),
+                      str(r.get("stream", "")), str(r.get("batch_size", "")), r["path"])
 
 
 def _unique(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -168,153 +660,106 @@ def _unique(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for run in runs:
         key = json.dumps([run.get(k) for k in ("method", "params", "stream", "stream_params",
                                                 "batch_size", "num_examples", "dataset", "model",
-                                                "seed", "cells")], sort_keys=True)
+                                                "fingerprints", "seed", "cells")],
+                         sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)
             unique.append(run)
     return unique
 
 
-def _report_csv(runs: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> str:
-    columns = ["label", "method", "params", "stream", "batch_size", "num_examples", "dataset",
-               "model", "corruption", "severity", "clean_accuracy", "source_accuracy",
-               "accuracy", "recovered", "gap_closed", "source_error", "error", "source_ece",
-               "ece", "path"]
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns)
-    for run, label in zip(runs, labels):
-        for cell in run["cells"]:
-            row = {**run, **cell, "label": label,
-                   "params": json.dumps(run.get("params", {}), sort_keys=True)}
-            writer.writerow([row.get(c) for c in columns])
-    return out.getvalue()
-
-
-def _grid(runs: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[int], dict] | None:
-    """Mean accuracy of the blend runs per (prior N, batch size), if a sweep varied both."""
-    blend = [r for r in runs if r["method"] == "blend" and r.get("params", {}).get("alpha") is None]
-    priors = sorted({r["params"]["prior"] for r in blend})
-    sizes = sorted({r["batch_size"] for r in blend})
-    if len(priors) < 2 or len(sizes) < 2:
-        return None
-    values: dict[tuple[float, int], list[float]] = {}
-    for r in blend:
-        values.setdefault((r["params"]["prior"], r["batch_size"]), []).append(r["mean"]["accuracy"])
-    return priors, sizes, {k: sum(v) / len(v) for k, v in values.items()}
-
-
-def _plots(runs: Sequence[Mapping[str, Any]], labels: Sequence[str], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    written = []
-
-    def save(fig, name: str) -> None:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(out / name, buffer.getvalue())
-        written.append(out / name)
-
-    # heatmap of the accuracy recovered, runs x corruptions (+ mean), averaged over severities
-    names = _corruptions(runs)
-    data = np.array([[100 * (_cell_mean(r, "recovered", c) or math.nan) for c in names]
-                     + [100 * (_cell_mean(r, "recovered") or 0.0)] for r in runs])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * (len(names) + 1), 1.2 + 0.45 * len(runs)))
-    bound = max(1.0, float(np.nanmax(np.abs(data))))
-    image = ax.imshow(data, cmap="RdYlGn", vmin=-bound, vmax=bound, aspect="auto")
-    ax.set_xticks(range(len(names) + 1), [*names, "mean"], rotation=60, ha="right")
-    ax.set_yticks(range(len(runs)), labels)
-    for (i, j), value in np.ndenumerate(data):
-        if not math.isnan(value):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(image, ax=ax, label="accuracy recovered (points)")
-    ax.set_title("Accuracy recovered over the source model, mean over severities")
-    save(fig, "recovered_heatmap.png")
-
-    # accuracy against severity per method (source dashed)
-    severities = _severities(runs)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    source = [_mean([_cell_mean(r, "source_accuracy", None, s) for r in runs]) for s in severities]
-    ax.plot(severities, [100 * v for v in source], "k--o", label="source (no adaptation)")
-    for run, label in zip(runs, labels):
-        ax.plot(severities, [100 * (_cell_mean(run, "accuracy", None, s) or math.nan)
-                             for s in severities], "-o", label=label)
-    ax.set_xlabel("severity")
-    ax.set_ylabel("accuracy (%), mean over corruptions")
-    ax.set_xticks(severities)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save(fig, "accuracy_vs_severity.png")
-
-    grid = _grid(runs)
-    if grid is not None:  # the prior N x batch size figure of Schneider et al. (2020)
-        priors, sizes, values = grid
-        data = np.array([[100 * values.get((p, b), math.nan) for b in sizes] for p in priors])
-        fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(sizes), 1.5 + 0.5 * len(priors)))
-        image = ax.imshow(data, cmap="viridis", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(sizes)), sizes)
-        ax.set_yticks(range(len(priors)), [_short(p) for p in priors])
-        for (i, j), value in np.ndenumerate(data):
-            if not math.isnan(value):
-                ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="w", fontsize=8)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("prior N")
-        fig.colorbar(image, ax=ax, label="accuracy (%)")
-        ax.set_title("blend: mean accuracy by prior N and batch size")
-        save(fig, "prior_batch_grid.png")
-    return written
+def _run_warnings(run: Mapping[str, Any]) -> list[str]:
+    warnings = run.get("warnings")
+    if isinstance(warnings, str):
+        return [warnings]
+    return [str(w) for w in warnings] if isinstance(warnings, list) else []
 
 
 def write_report(paths: Iterable[str | Path], out: str | Path, plots: bool = True) -> dict[str, Any]:
     """Writes ``out/report.md``, ``out/report.csv`` and the PNG plots for the runs below
-    ``paths``; returns ``{"markdown", "recovered", "files", "runs", "errors"}``.
+    ``paths`` (one set per group; file names get a ``_<model>_<dataset>_n<images>`` suffix
+    when there are several groups).
+
+    Returns:
+        ``{"markdown", "recovered" (the recovered-accuracy table(s) as Markdown), "files",
+        "runs", "labels" (per run), "groups", "errors" (failed and unreadable jobs, see
+        :func:`load_runs`), "warnings" ([{"path", "label", "warning"}]: the runs' own warnings,
+        ignored nested outcomes, grouping problems)}``.
 
     Raises:
         FileNotFoundError: a path does not exist.
-        ValueError: no finished run was found.
+        ValueError: no finished run was found (the message lists the failed and unreadable jobs).
     """
-    out = Path(out)
-    runs, errors = load_runs(paths)
+    paths, out = [str(p) for p in paths], Path(out)
+    runs, problems = load_runs(paths)
+    errors = [p for p in problems if p["kind"] != "ignored"]
     if not runs:
-        raise ValueError(f"no results.json found below {[str(p) for p in paths]}"
-                         + (f" ({len(errors)} failed job(s))" if errors else ""))
-    # a stable order: by method registration order, then label
+        raise ValueError(f"no readable results.json found below {paths}" + "".join(
+            f"\n  {e['kind']}: {e['file']}: {e['error_type']}: {e['error']}" for e in errors))
     from tta.evaluation.methods import list_methods
 
-    order = {name: i for i, name in enumerate(list_methods())}
-    runs.sort(key=lambda r: (order.get(r["method"], len(order)), json.dumps(r.get("params"), sort_keys=True),
-                             r.get("stream", ""), r.get("batch_size", 0), r["path"]))
+    runs.sort(key=_sort_key({name: i for i, name in enumerate(list_methods())}))
     runs = _unique(runs)
-    labels = label_runs(runs)
-    recovered = markdown_table(*recovered_table(runs, labels))
+    groups = group_runs(runs)
+    label_of = {id(r): e.label for g in groups for e in g.entries for r in e.runs}
+    warnings = [{"path": r["path"], "label": label_of[id(r)], "warning": w}
+                for r in runs for w in _run_warnings(r)]
+    warnings += [{"path": p["file"], "label": "-", "warning": f"ignored: {p['error']}"}
+                 for p in problems if p["kind"] == "ignored"]
+    warnings += [{"path": "-", "label": g.title(), "warning": w} for g in groups for w in g.warnings]
+
     sections = ["# tta evaluation report", "",
-                f"{len(runs)} run(s) from: {', '.join(map(str, paths))}. Percentages; "
-                "recovered = accuracy - source accuracy (points); gap closed = recovered / "
-                "(clean - source accuracy); ECE with 15 bins.", "",
-                "## Summary (means over all cells)", "", markdown_table(*summary_table(runs, labels)),
-                "", "## Accuracy recovered (points), mean over severities", "", recovered]
-    severities = _severities(runs)
-    if len(severities) > 1:
-        for severity in severities:
-            sections += ["", f"### Accuracy recovered at severity {severity}", "",
-                         markdown_table(*recovered_table(runs, labels, severity))]
-    for severity, table in accuracy_tables(runs, labels).items():
-        sections += ["", f"## Accuracy (%) at severity {severity}", "", markdown_table(*table)]
-    if errors:
+                f"{len(runs)} run(s) in {len(groups)} group(s) from: {', '.join(paths)}. "
+                "Percentages; recovered = accuracy - source accuracy (points); gap closed = "
+                "recovered / (clean - source accuracy); ECE with 15 bins. A group shares one "
+                "source baseline (model, dataset, images per cell, corruption preset, cells); "
+                "nothing is averaged across groups. `[low, high]`: 95% Wilson interval from the "
+                "correct/total counts; for a mean, Wilson on the counts pooled over its cells "
+                "(and seeds), which treats them as independent although every cell holds the "
+                "same images, so it understates the uncertainty. `±`: sample standard "
+                "deviation over seeds."]
+    failed = [e for e in errors if e["kind"] == "failed"]
+    unreadable = [e for e in errors if e["kind"] == "unreadable"]
+    if failed:
         sections += ["", "## Failed jobs", "", markdown_table(
-            ["directory", "error"], [[e["path"], f"{e['error_type']}: {e['error']}"] for e in errors])]
-    files = []
-    if plots:
-        files = _plots(runs, labels, out)
-        sections += ["", "## Plots", ""] + [f"![{f.stem}]({f.name})" for f in files]
+            ["directory", "error type", "message"],
+            [[e["path"], e["error_type"], e["error"]] for e in failed])]
+    if unreadable:
+        sections += ["", "## Unreadable results", "", markdown_table(
+            ["file", "problem"], [[e["file"], e["error"]] for e in unreadable])]
+    if warnings:
+        sections += ["", "## Warnings", "", markdown_table(
+            ["run", "directory", "warning"], [[w["label"], w["path"], w["warning"]]
+                                               for w in warnings])]
+    recovered, files = [], []
+    for number, group in enumerate(groups, 1):
+        h = "##"
+        if len(groups) > 1:
+            h = "###"
+            sections += ["", f"## Group {number} of {len(groups)}: {group.title()}"]
+        sections += ["", group.protocol() + ".", "",
+                     f"{h} Summary (means over all cells)", "", markdown_table(*summary_table(group))]
+        table = markdown_table(*recovered_table(group))
+        recovered.append(table if len(groups) == 1 else f"Group {number}: {group.title()}\n\n{table}")
+        sections += ["", f"{h} Accuracy recovered (points), mean over severities", "", table]
+        severities = _severities(group.runs)
+        if len(severities) > 1:
+            for severity in severities:
+                sections += ["", f"#{h} Accuracy recovered at severity {severity}", "",
+                             markdown_table(*recovered_table(group, severity))]
+        for severity, table in accuracy_tables(group).items():
+            sections += ["", f"{h} Accuracy (%) at severity {severity}", "", markdown_table(*table)]
+        if plots:
+            figures = [("recovered_heatmap", recovered_heatmap(group)),
+                       ("accuracy_vs_severity", severity_plot(group))]
+            figures += [(f"prior_batch_grid{suffix}", fig) for suffix, fig in _grids(group)]
+            written = [_save(fig, out / f"{stem}{group.name}.png") for stem, fig in figures]
+            files += written
+            sections += ["", f"{h} Plots", ""] + [f"![{f.stem}]({f.name})" for f in written]
     markdown = "\n".join(sections) + "\n"
     atomic_write_bytes(out / "report.md", markdown.encode())
-    atomic_write_bytes(out / "report.csv", _report_csv(runs, labels).encode())
+    atomic_write_bytes(out / "report.csv", _report_csv(groups).encode())
     files = [out / "report.md", out / "report.csv", *files]
-    return {"markdown": markdown, "recovered": recovered, "files": files, "runs": runs,
-            "labels": labels, "errors": errors}
+    return {"markdown": markdown, "recovered": "\n\n".join(recovered), "files": files,
+            "runs": runs, "labels": [label_of[id(r)] for r in runs], "groups": groups,
+            "errors": errors, "warnings": warnings}
