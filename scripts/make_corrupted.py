@@ -3,8 +3,10 @@
     python scripts/make_corrupted.py dataset=fashion_mnist out_dir=data/fashion_mnist-c
     python scripts/make_corrupted.py dataset=cifar10 dataset.root=~/data corruptions=[fog,snow] preset=cifar
 
-Writes <out_dir>/<corruption>.npy (uint8, 5 N x H x W x C, severity-major) and
-<out_dir>/labels.npy; finished files are skipped, so an interrupted run resumes.
+Writes <out_dir>/<corruption>.npy (uint8, 5 N x H x W x C, severity-major), a record of its
+arguments <out_dir>/<corruption>.json, and <out_dir>/labels.npy. Files finished with the same
+arguments are skipped, so an interrupted run resumes; files made with other arguments (seed,
+preset, num_examples, ...) are refused, naming the differences, unless overwrite=true.
 """
 from __future__ import annotations
 
@@ -22,14 +24,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import tta
+from tta.data.base import check_num_examples
 from tta.data.corrupted import export_corrupted
 
 logger = logging.getLogger("make_corrupted")
 
 
-def load_uint8(dataset, num_examples: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``num_examples`` images as uint8 (N, C, H, W) and their labels."""
-    n = len(dataset) if num_examples is None else min(int(num_examples), len(dataset))
+def load_uint8(dataset, num_examples: int | None, what: str = "the dataset") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``num_examples`` images as uint8 (N, C, H, W) and their labels; ``num_examples``
+    must lie in 1..len(dataset) (ValueError naming ``what`` and its size)."""
+    n = check_num_examples(num_examples, len(dataset), what)
     images = getattr(dataset, "images", None)
     targets = getattr(dataset, "targets", None)
     if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and isinstance(targets, torch.Tensor):
@@ -48,12 +52,14 @@ def main(cfg: DictConfig) -> None:
     d = cfg.dataset
     kwargs = OmegaConf.to_container(d.kwargs, resolve=True)
     dataset = tta.data.get_dataset(d.name, split=d.split, root=d.root, **kwargs)
-    images, labels = load_uint8(dataset, cfg.num_examples)
+    images, labels = load_uint8(dataset, cfg.num_examples, f"the {d.name} {d.split} split")
     logger.info("%s/%s: %d images of shape %s", d.name, d.split, len(images), tuple(images.shape[1:]))
     paths = export_corrupted(
         images, labels, Path(cfg.out_dir).expanduser(), list(cfg.corruptions),
-        preset=cfg.preset, seed=int(cfg.seed), batch_size=int(cfg.batch_size), rgb=bool(cfg.rgb),
-        progress=bool(cfg.progress),
+        preset=cfg.preset, seed=cfg.seed, batch_size=cfg.batch_size, rgb=bool(cfg.rgb),
+        overwrite=bool(cfg.overwrite), progress=bool(cfg.progress),
+        source={"dataset": d.name, "split": d.split, "root": d.root, "kwargs": kwargs,
+                "num_examples": cfg.num_examples},
     )
     print(f"wrote {len(paths)} corruptions and labels.npy to {Path(cfg.out_dir).expanduser()}")
 

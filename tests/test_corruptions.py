@@ -437,3 +437,24 @@ def test_shot_noise_on_and_off_the_8_bit_grid():
         lam = 25 * float(x[i, 0, 0, 0])
         assert abs(counts.mean().item() - lam) < 0.3 and abs(counts.var().item() - lam) < 1.5
         assert torch.equal(corrupt(x[i : i + 1], "shot_noise", 2, preset="imagenet", index_offset=i), y[i : i + 1])
+
+
+@pytest.mark.parametrize("scale, low, high", [(255.0, 0.0, 255.0), (1.0, -0.01, 1.0), (1.0, 0.0, 1.003)])
+def test_float_input_outside_unit_range_is_refused(scale, low, high):
+    # 0..255 floats (a forgotten / 255) and values more than half a grey level outside [0, 1]
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * scale
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = low, high
+    with pytest.raises(ValueError) as e:
+        corrupt(x, "contrast", 2)
+    message = str(e.value)
+    assert f"[{low:g}, {high:g}]" in message and "uint8" in message and "255" in message
+    assert torch.isfinite(x).all()  # the input is untouched
+
+
+def test_float_input_nan_is_refused_and_half_level_round_off_accepted():
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    x[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="must lie in \\[0, 1\\]"):
+        corrupt(x, "fog", 1)
+    x[0, 1, 2, 3], x[0, 0, 0, 0] = 1 + 0.4 / 255, -0.4 / 255  # within half a grey level: clipped
+    assert torch.equal(corrupt(x, "contrast", 2), corrupt(x.clamp(0, 1), "contrast", 2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import os
 import pickle
 import tarfile
 import threading
@@ -325,3 +326,73 @@ def test_bad_selection_fails_before_downloading(tmp_path, archive):
         tta.data.get_dataset("cifar10_c", root=tmp_path, corruption="fog", examples_per_severity=0,
                              download=True, url=server.url, md5=md5)
     assert server.requests == [] and list(tmp_path.iterdir()) == [tmp_path / "source"]
+
+
+# ----------------------------------------------------------------------------- subsets, exports, fingerprints
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_rows_per_severity_are_read_from_the_file(tmp_path, k):
+    images = _images(5 * k, seed=k)
+    labels = np.random.default_rng(k).integers(0, 10, 5 * k).astype(np.int64)
+    np.save(tmp_path / "fog.npy", images)
+    np.save(tmp_path / "labels.npy", labels)
+    for severity in (1, 4, 5):
+        ds = tta.data.get_dataset("cifar10_c", root=tmp_path, corruption="fog", severity=severity)  # no k given
+        rows = slice((severity - 1) * k, severity * k)
+        assert len(ds) == k and ds.examples_per_severity == k
+        np.testing.assert_array_equal(ds.images.permute(0, 2, 3, 1).numpy(), images[rows])
+        np.testing.assert_array_equal(ds.targets.numpy(), labels[rows])
+    with pytest.raises(ValueError, match=f"num_examples={k + 1} but only {k} examples are available"):
+        tta.data.get_dataset("cifar10_c", root=tmp_path, corruption="fog", num_examples=k + 1)
+    with pytest.raises(ValueError, match=f"has {5 * k} images, expected {5 * (k + 1)}"):  # an explicit k is checked
+        tta.data.get_dataset("cifar10_c", root=tmp_path, corruption="fog", examples_per_severity=k + 1)
+
+
+def test_inferred_rows_are_checked_against_labels(tmp_path):
+    np.save(tmp_path / "fog.npy", _images(14))
+    np.save(tmp_path / "labels.npy", np.zeros(14, np.int64))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'fog.npy'} has 14 images, expected a positive multiple of 5"):
+        tta.data.get_dataset("cifar10_c", root=tmp_path, corruption="fog")
+    np.save(tmp_path / "fog.npy", _images(0))
+    with pytest.raises(ValueError, match="has 0 images, expected a positive multiple of 5"):
+        tta.data.get_dataset("cifar10_c", root=tmp_path, corruption="fog")
+    np.save(tmp_path / "fog.npy", _images(15))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'labels.npy'} has 14 labels, expected 15"):
+        tta.data.get_dataset("cifar10_c", root=tmp_path, corruption="fog")
+
+
+def test_loads_tta_export(tmp_path):
+    from tta.corruptions import corrupt
+    from tta.data.corrupted import export_corrupted
+
+    g = torch.Generator().manual_seed(5)
+    clean = torch.randint(0, 256, (3, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.tensor([7, 0, 9])
+    export_corrupted(clean, labels, tmp_path, ["contrast"], seed=2, progress=False)
+    ds = tta.data.get_dataset("cifar10_c", root=tmp_path, corruption="contrast", severity=4)
+    assert len(ds) == 3 and ds.targets.tolist() == [7, 0, 9]
+    assert torch.equal(ds.images, corrupt(clean, "contrast", 4, seed=2))
+
+
+def test_fingerprint_reflects_root_and_content(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_cifar_c(a)
+    _write_cifar_c(b)
+    images = np.load(b / "fog.npy")
+    images[PER + 1, 5, 5, 0] ^= 1  # one value of severity 2
+    np.save(b / "fog.npy", images)
+
+    def key(root, **kwargs):
+        return tta.data.fingerprint(_get(root, **{"severity": 2, **kwargs}))
+
+    first = key(a)
+    assert key(a) == first and _get(a, severity=2).fingerprint() == first
+    assert key(b) != first  # same labels, other content
+    assert key(a, severity=3) != first and key(a, num_examples=2) != first
+    (tmp_path / "c").mkdir()
+    for name in ("fog.npy", "labels.npy"):
+        (tmp_path / "c" / name).write_bytes((a / name).read_bytes())
+    assert key(tmp_path / "c") != first  # same bytes, another root
+    stat = (a / "fog.npy").stat()
+    os.utime(a / "fog.npy", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert key(a) != first  # the file's size and mtime are part of it

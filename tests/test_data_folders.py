@@ -174,3 +174,92 @@ def test_cifar_through_torchvision(tmp_path, monkeypatch, name):
 def test_cifar_missing_root(tmp_path, name):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*download=True"):
         tta.data.get_dataset(name, root=tmp_path)
+
+
+# ----------------------------------------------------------------------------- broken files, unsafe names
+
+def _break(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncated" else b"not an image at all" * 10)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_broken_image_names_the_file(imagenet_c_root, tmp_path, how):
+    ds = tta.data.get_dataset("imagenet_c", root=imagenet_c_root, corruption="fog", severity=3)
+    broken = ds.samples[4][0]
+    _break(broken, how)
+    ds[3]  # the others still load
+    with pytest.raises(ValueError, match=f"cannot decode image {broken}"):
+        ds[4]
+    _make_tree(tmp_path / "folder", ["a", "b"], per_class=2, ext=".jpg")
+    folder = tta.data.get_dataset("image_folder", root=tmp_path / "folder")
+    broken = Path(folder.samples[2][0])
+    _break(broken, how)
+    with pytest.raises(ValueError, match=f"cannot decode image {broken}"):
+        folder[2]
+
+
+def test_mixed_sizes_name_both_files_and_sizes(imagenet_c_root, tmp_path):
+    odd = imagenet_c_root / "fog" / "3" / WNIDS[1] / "ILSVRC2012_val_00000001.JPEG"
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(odd)  # 40 x 30 among 24 x 20
+    ds = tta.data.get_dataset("imagenet_c", root=imagenet_c_root, corruption="fog", severity=3)
+    first = ds.samples[0][0]
+    index = [p for p, _ in ds.samples].index(odd)
+    with pytest.raises(ValueError) as e:
+        ds[index]  # before any other image was read: compared with the first file
+    assert f"{odd} is 40x30 but {first} is 24x20" in str(e.value)
+    with pytest.raises(ValueError, match="40x30"):  # also through a DataLoader (not a bare collate error)
+        list(torch.utils.data.DataLoader(ds, batch_size=9))
+    _make_tree(tmp_path / "folder", ["a"], per_class=2, size=(5, 7), ext=".png")
+    _make_tree(tmp_path / "folder", ["b"], per_class=1, size=(6, 7), ext=".png")
+    folder = tta.data.get_dataset("image_folder", root=tmp_path / "folder")
+    with pytest.raises(ValueError, match=f"{folder.samples[2][0]} is 6x7 but {folder.samples[0][0]} is 5x7"):
+        folder[2]
+
+
+def test_imagenet_c_names_cannot_leave_root(tmp_path):
+    root = tmp_path / "ImageNet-C"
+    _make_tree(root / "fog" / "3", WNIDS, per_class=1)
+    _make_tree(tmp_path / "outside" / "3", WNIDS, per_class=1)  # a readable tree next to root
+    get = tta.data.get_dataset
+    for corruption in ("../outside", "fog/../../outside", str(tmp_path / "outside"), "outside"):
+        with pytest.raises(ValueError, match="unknown corruption.*valid names: gaussian_noise"):
+            get("imagenet_c", root=root, corruption=corruption, severity=3)
+    for classes in (["../../../outside/3/" + WNIDS[0]], [".."], [WNIDS[0], "a/b"]):
+        with pytest.raises(ValueError, match="invalid class"):
+            get("imagenet_c", root=root, corruption="fog", severity=3, classes=classes)
+    listing = tmp_path / "ids.txt"
+    for entry in (f"../{WNIDS[0]}", f"{WNIDS[0]}/..", f"./{WNIDS[0]}"):
+        listing.write_text(entry + "\n")
+        with pytest.raises(ValueError, match="expected '<wnid>/<file name>'"):
+            get("imagenet_c", root=root, corruption="fog", severity=3, list_file=listing)
+    for severity in ("3", 3.0, "../3"):
+        with pytest.raises(ValueError, match="severity must be one of"):
+            get("imagenet_c", root=root, corruption="fog", severity=severity)
+
+
+def test_fingerprints_of_image_trees(imagenet_c_root, tmp_path):
+    import os
+    import shutil
+
+    def key(root, **kwargs):
+        kwargs = {"corruption": "fog", "severity": 3, **kwargs}
+        return tta.data.fingerprint(tta.data.get_dataset("imagenet_c", root=root, **kwargs))
+
+    first = key(imagenet_c_root)
+    assert key(imagenet_c_root) == first  # stable
+    copy = tmp_path / "copy"
+    shutil.copytree(imagenet_c_root, copy)  # same relative paths and labels, another root
+    assert key(copy) != first
+    assert key(imagenet_c_root, num_examples=5) != first and key(imagenet_c_root, corruption="snow") != first
+    path = imagenet_c_root / "fog" / "3" / WNIDS[0] / "ILSVRC2012_val_00000000.JPEG"
+    stat = path.stat()
+    Image.fromarray(np.full((20, 24, 3), 7, np.uint8)).save(path)  # rewritten in place
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert key(imagenet_c_root) != first
+    _make_tree(tmp_path / "folder", ["a", "b"], per_class=2, ext=".png")
+    folder = tta.data.get_dataset("image_folder", root=tmp_path / "folder")
+    assert tta.data.fingerprint(folder) == tta.data.fingerprint(tta.data.get_dataset("image_folder", root=tmp_path / "folder"))
+    assert tta.data.fingerprint(folder) != tta.data.fingerprint(tta.data.get_dataset("image_folder", root=copy / "fog" / "3"))
+    with pytest.raises(TypeError, match="cannot fingerprint a list"):
+        tta.data.fingerprint([1, 2])

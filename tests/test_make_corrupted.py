@@ -2,7 +2,9 @@
 scripts/make_corrupted.py, and the on-the-fly CorruptedDataset."""
 from __future__ import annotations
 
+import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +131,161 @@ def test_make_corrupted_script(tmp_path):
     assert np.array_equal(labels[:12], [base[i][1] for i in range(12)])
     expected = corrupt(images, "gaussian_noise", 4).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(rows[36:48], expected)
+
+
+# ----------------------------------------------------------------------------- resume keys, full disk, stale files
+
+def _mtimes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in directory.iterdir() if not p.name.startswith(".")}
+
+
+def test_export_resume_keys_on_every_argument(tmp_path, small_set):
+    import json
+
+    images, labels = small_set
+    export_corrupted(images, labels, tmp_path, ["contrast"], seed=0, progress=False)
+    path = tmp_path / "contrast.npy"
+    before, stamps = path.read_bytes(), _mtimes(tmp_path)
+    record = json.loads((tmp_path / "contrast.json").read_text())
+    assert record["arguments"]["seed"] == 0 and record["arguments"]["preset"] == "cifar"
+    assert record["arguments"]["num_examples"] == 7 and record["file"] == "contrast.npy"
+    # equivalent arguments (explicit default preset, another batch size) resume: nothing rewritten
+    export_corrupted(images, labels, tmp_path, ["contrast"], preset="cifar", batch_size=2, progress=False)
+    assert _mtimes(tmp_path) == stamps
+    other = images.clone()
+    other[3, 0, 0, 0] ^= 1
+    for kwargs, message in [
+        ({"seed": 1}, "seed=0 there, 1 now"),
+        ({"preset": "tiny"}, "preset='cifar' there, 'tiny' now"),
+        ({"images": other}, "images_sha256="),
+        ({"images": images[:5], "labels": labels[:5]}, "num_examples=7 there, 5 now"),
+        ({"labels": (labels + 1) % 10}, "labels.npy holds other labels"),
+    ]:
+        call = {"images": images, "labels": labels, "seed": 0, **kwargs}
+        with pytest.raises(ValueError, match=f"{path} was made with other arguments.*{message}|{message}") as e:
+            export_corrupted(call.pop("images"), call.pop("labels"), tmp_path, ["fog", "contrast"],
+                             progress=False, **call)
+        assert "overwrite=True" in str(e.value)
+        assert path.read_bytes() == before and not (tmp_path / "fog.npy").exists()  # refused before writing
+    # overwrite redoes the differing file with the new arguments
+    export_corrupted(images, labels, tmp_path, ["contrast"], seed=1, overwrite=True, progress=False)
+    expected = np.concatenate([corrupt(images, "contrast", s, seed=1).permute(0, 2, 3, 1).numpy() for s in range(1, 6)])
+    assert np.array_equal(np.load(path), expected)
+    assert json.loads((tmp_path / "contrast.json").read_text())["arguments"]["seed"] == 1
+    # a finished file without a record (another tool, an older tta) is not taken as ours
+    (tmp_path / "contrast.json").unlink()
+    with pytest.raises(ValueError, match="no readable record"):
+        export_corrupted(images, labels, tmp_path, ["contrast"], seed=1, progress=False)
+
+
+def test_export_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, small_set, monkeypatch):
+    import errno
+
+    images, labels = small_set
+    calls = []
+
+    def full(fd, offset, length):
+        calls.append(length)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=f"no space left to write {tmp_path / 'fog.npy'} .*free on that file system") as e:
+        export_corrupted(images, labels, tmp_path, ["fog"], progress=False)
+    assert e.value.errno == errno.ENOSPC
+    assert calls[0] >= 35 * 32 * 32 * 3  # the whole file is reserved before any corruption is computed
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["labels.npy"]
+    monkeypatch.undo()  # space again: the retry writes the file
+    export_corrupted(images, labels, tmp_path, ["fog"], progress=False)
+    assert np.array_equal(np.load(tmp_path / "fog.npy")[:7], corrupt(images, "fog", 1).permute(0, 2, 3, 1).numpy())
+
+
+def test_export_removes_stale_temporary_files_but_waits_for_a_live_writer(tmp_path, small_set):
+    images, labels = small_set
+    stale = tmp_path / ".contrast.npy.12345.tmp"  # left by a killed run
+    stale.write_bytes(b"partial")
+    live = tmp_path / ".fog.npy.live.tmp"
+    # another process is writing fog.npy: it holds the file's lock and its temporary file
+    writer = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import sys, time
+from filelock import FileLock
+from pathlib import Path
+out = Path({str(tmp_path)!r})
+with FileLock(out / ".fog.npy.lock"):
+    Path({str(live)!r}).write_bytes(b"in progress")
+    print("locked", flush=True)
+    for _ in range(1200):  # until the other run has finished contrast.npy (or 60 s)
+        if (out / "contrast.npy").exists():
+            break
+        time.sleep(0.05)
+    intact = Path({str(live)!r}).read_bytes() == b"in progress"
+print("intact" if intact else "clobbered", flush=True)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "locked"
+        export_corrupted(images, labels, tmp_path, ["fog", "contrast"], progress=False)
+        assert writer.stdout.readline().strip() == "intact"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert not stale.exists()
+    assert not live.exists()  # the writer died without finishing: its file was stale once the lock was free
+    assert np.array_equal(np.load(tmp_path / "fog.npy")[7:14], corrupt(images, "fog", 2).permute(0, 2, 3, 1).numpy())
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_corrupted", ROOT / "scripts" / "make_corrupted.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def _run_script(*overrides: str) -> None:
+    """scripts/make_corrupted.py's main in this process, on the config Hydra composes."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="make_corrupted", overrides=list(overrides))
+    threads = torch.get_num_threads()
+    try:
+        _script().main.__wrapped__(cfg)
+    finally:
+        torch.set_num_threads(threads)  # main sets num_threads
+
+
+def test_export_and_script_refuse_bad_num_examples(tmp_path, small_set):
+    images, labels = small_set
+    with pytest.raises(ValueError, match="N >= 1"):
+        export_corrupted(images[:0], labels[:0], tmp_path, ["fog"], progress=False)
+    script = _script()
+    base = TensorDataset(images, labels)
+    for bad in (0, -1, 8, 2.5, True):
+        with pytest.raises(ValueError, match=f"got {bad!r}|num_examples={bad}.*only 7 examples.*the test split"):
+            script.load_uint8(base, bad, "the test split")
+    assert torch.equal(script.load_uint8(base, 7)[0], images)
+    out = tmp_path / "digits-c"
+    for bad, message in ((361, "num_examples=361 but only 360 examples are available in the digits test split"),
+                         (0, "got 0 (360 examples are available in the digits test split)")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _run_script("dataset=digits", f"out_dir={out}", f"num_examples={bad}", "corruptions=[contrast]",
+                        "progress=false")
+        assert not out.exists()
+
+
+def test_script_resume_keys_on_seed_and_preset(tmp_path):
+    out = tmp_path / "digits-c"
+    common = ["dataset=digits", f"out_dir={out}", "num_examples=6", "corruptions=[gaussian_noise]", "progress=false"]
+    _run_script(*common)
+    first = (out / "gaussian_noise.npy").read_bytes()
+    for override, message in (("seed=1", "seed=0 there, 1 now"), ("preset=tiny", "preset='cifar' there, 'tiny' now")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _run_script(*common, override)
+        assert (out / "gaussian_noise.npy").read_bytes() == first
+    _run_script(*common, "seed=1", "overwrite=true")
+    rows = np.load(out / "gaussian_noise.npy")
+    base = TensorDataset(*_script().load_uint8(__import__("tta").data.get_dataset("digits"), 6))
+    expected = corrupt(base.tensors[0], "gaussian_noise", 3, seed=1).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(rows[12:18], expected) and rows.tobytes() != np.load(io.BytesIO(first)).tobytes()

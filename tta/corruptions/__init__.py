@@ -48,6 +48,8 @@ EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter
 
 SEVERITIES = (1, 2, 3, 4, 5)
 MIN_SIZE = 28
+# Floating images may exceed [0, 1] by round-off (clipped); beyond half a grey level they are refused.
+FLOAT_TOLERANCE = 0.5 / 255
 
 # Work on bounded chunks: large batches are no faster and cost memory. Chunking
 # does not change results (every image has its own random stream).
@@ -93,7 +95,10 @@ def corrupt(
 
     Args:
         images: ``uint8`` tensor in [0, 255] or floating tensor in [0, 1], of shape
-            ``(N, C, H, W)`` or ``(C, H, W)``, ``C`` in {1, 3}, ``H, W >= 28``.
+            ``(N, C, H, W)`` or ``(C, H, W)``, ``C`` in {1, 3}, ``H, W >= 28``. Floating
+            values up to half a grey level (``0.5 / 255``) outside [0, 1] are round-off and
+            clipped; values further out (0..255 floats, normalised images) or NaN raise
+            ``ValueError``.
         name: one of :data:`CORRUPTIONS` or :data:`EXTRA_CORRUPTIONS`.
         severity: 1 (mildest) to 5.
         preset: parameter table, one of :data:`PRESETS`; ``None`` chooses by image
@@ -127,6 +132,13 @@ def corrupt(
         raise ValueError(f"invalid dtype {images.dtype}; valid choices: torch.uint8 or a floating dtype in [0, 1]")
     if images.dim() not in (3, 4):
         raise ValueError(f"invalid shape {tuple(images.shape)}; valid choices: (N, C, H, W) or (C, H, W)")
+    if images.is_floating_point() and images.numel():
+        low, high = (v.item() for v in torch.aminmax(images.detach()))
+        if not (low >= -FLOAT_TOLERANCE and high <= 1 + FLOAT_TOLERANCE):  # also refuses NaN
+            raise ValueError(
+                f"floating images must lie in [0, 1], got values in [{low:g}, {high:g}]; pass uint8 "
+                f"images in 0..255, or divide 0..255 floats by 255 (undo any mean/std normalisation)"
+            )
     single = images.dim() == 3
     x = images.unsqueeze(0) if single else images
     n, c, h, w = x.shape

@@ -17,7 +17,7 @@ Examples::
 from __future__ import annotations
 
 from tta.data.registry import get_dataset, list_datasets, register_dataset
-from tta.data.base import ImageTensorDataset
+from tta.data.base import ImageTensorDataset, fingerprint
 # Importing the modules registers their datasets.
 from tta.data import cifar as _cifar, digits as _digits, folder as _folder, imagenet_c as _imagenet_c  # noqa: F401
 from tta.data import mnist as _mnist  # noqa: F401
@@ -25,7 +25,7 @@ from tta.data.cifar import CIFARC
 from tta.data.imagenet_c import ImageNetC
 
 __all__ = ["register_dataset", "get_dataset", "list_datasets", "ImageTensorDataset", "CIFARC", "ImageNetC",
-           "CorruptedDataset"]
+           "CorruptedDataset", "fingerprint"]
 
 # last: it needs tta.corruptions (issue 3)
 from tta.data.corrupted import CorruptedDataset  # noqa: E402

@@ -105,24 +105,27 @@ def _open_npy(path: Path) -> np.ndarray:
         raise ValueError(f"{path} is not a readable .npy file (truncated or corrupt?): {e}") from e
 
 
-def _check_selection(corruption: str, severity: int, examples_per_severity: int) -> None:
+def _check_selection(corruption: str, severity: int, examples_per_severity: int | None) -> None:
     if corruption not in CIFAR_C_CORRUPTIONS:
         raise ValueError(
             f"unknown corruption {corruption!r}; valid names are: {', '.join(CIFAR_C_CORRUPTIONS)}"
         )
     if isinstance(severity, bool) or severity not in SEVERITIES:
         raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
-    if isinstance(examples_per_severity, bool) or not isinstance(examples_per_severity, int) \
-            or examples_per_severity < 1:
-        raise ValueError(f"examples_per_severity must be a positive int, got {examples_per_severity!r}")
+    if examples_per_severity is not None and (isinstance(examples_per_severity, bool)
+                                              or not isinstance(examples_per_severity, int)
+                                              or examples_per_severity < 1):
+        raise ValueError(f"examples_per_severity must be a positive int or None, got {examples_per_severity!r}")
 
 
 class CIFARC(ImageTensorDataset):
     r"""One corruption at one severity of CIFAR-10-C or CIFAR-100-C, memory-mapped.
 
-    The published layout: ``<root>/<corruption>.npy`` of shape (5 * 10000, 32, 32, 3) uint8,
-    severity-major (rows ``(severity - 1) * 10000`` to ``severity * 10000``), and
-    ``<root>/labels.npy`` of shape (50000,) with the labels of every row.
+    The published layout: ``<root>/<corruption>.npy`` of shape (5 * k, 32, 32, 3) uint8,
+    severity-major (rows ``(severity - 1) * k`` to ``severity * k``), and ``<root>/labels.npy``
+    of shape (5 * k,) with the labels of every row. The published files have k = 10,000; a
+    subset or an export by :func:`tta.data.corrupted.export_corrupted` has fewer: k is read
+    from the file.
 
     Args:
         root: the directory with the ``.npy`` files.
@@ -130,7 +133,15 @@ class CIFARC(ImageTensorDataset):
         severity: 1 to 5.
         num_examples: keep the first ``num_examples`` of the severity's images (default all).
         num_classes: labels must be below this (10 or 100).
-        examples_per_severity: rows per severity; the published files have 10,000.
+        examples_per_severity: rows per severity k; ``None`` (default) infers it from the
+            file (its rows / 5), an int is checked against the file.
+
+    Raises:
+        FileNotFoundError: a missing ``.npy`` file.
+        ValueError: a bad selection, an unreadable file, a wrong dtype or shape, a row count
+            that is not 5 * k (or not 5 * ``examples_per_severity``), a ``labels.npy`` whose
+            length differs from the images', labels outside ``0..num_classes - 1``; every
+            message names the file.
 
     Attributes:
         images: uint8 tensor (N, 3, 32, 32), a non-contiguous view of the memory-mapped
@@ -139,14 +150,12 @@ class CIFARC(ImageTensorDataset):
     """
 
     def __init__(self, root: str | Path, corruption: str, severity: int, num_examples: int | None = None,
-                 num_classes: int = 10, examples_per_severity: int = 10000) -> None:
+                 num_classes: int = 10, examples_per_severity: int | None = None) -> None:
         _check_selection(corruption, severity, examples_per_severity)
         self.root = Path(root)
         self.corruption, self.severity = corruption, severity
         self.num_examples, self.num_classes = num_examples, num_classes
-        self.examples_per_severity = examples_per_severity
-        images_path, labels_path = self.root / f"{corruption}.npy", self.root / "labels.npy"
-        expected = len(SEVERITIES) * examples_per_severity
+        self.files = images_path, labels_path = self.root / f"{corruption}.npy", self.root / "labels.npy"
 
         images = _open_npy(images_path)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
@@ -154,18 +163,23 @@ class CIFARC(ImageTensorDataset):
                 f"{images_path}: expected uint8 images of shape (N, 32, 32, 3), got {images.dtype} "
                 f"of shape {images.shape}"
             )
-        if images.shape[0] != expected:
+        rows = images.shape[0]
+        if examples_per_severity is None and (rows == 0 or rows % len(SEVERITIES)):
+            raise ValueError(f"{images_path} has {rows} images, expected a positive multiple of 5 "
+                             f"(5 severities x k images, severity-major)")
+        if examples_per_severity is not None and rows != len(SEVERITIES) * examples_per_severity:
             raise ValueError(
-                f"{images_path} has {images.shape[0]} images, expected {expected} "
+                f"{images_path} has {rows} images, expected {len(SEVERITIES) * examples_per_severity} "
                 f"(5 severities x {examples_per_severity})"
             )
+        self.examples_per_severity = examples_per_severity = rows // len(SEVERITIES)
         labels = _open_npy(labels_path)
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
             raise ValueError(f"{labels_path}: expected a 1-d integer array, got {labels.dtype} of shape {labels.shape}")
-        if labels.shape[0] != expected:
-            raise ValueError(f"{labels_path} has {labels.shape[0]} labels, expected {expected} to match {images_path}")
+        if labels.shape[0] != rows:
+            raise ValueError(f"{labels_path} has {labels.shape[0]} labels, expected {rows} to match {images_path}")
 
-        n = check_num_examples(num_examples, examples_per_severity)
+        n = check_num_examples(num_examples, examples_per_severity, f"{images_path} (per severity)")
         start = (severity - 1) * examples_per_severity
         targets = torch.from_numpy(np.asarray(labels[start:start + n], dtype=np.int64))
         if n and (targets.min() < 0 or targets.max() >= num_classes):
@@ -183,13 +197,21 @@ class CIFARC(ImageTensorDataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
 
+    def fingerprint(self) -> str:
+        """sha256 hex digest of the images and labels this dataset yields (by content), the
+        resolved paths, sizes and ``st_mtime_ns`` of the two files, and the selection."""
+        from tta.evaluation.results import content_hash  # lazy: tta.evaluation imports tta.data
+
+        files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files]
+        return content_hash(super().fingerprint(), files, self.corruption, self.severity)
+
     def extra_repr(self) -> str:
         return f"corruption={self.corruption!r}, severity={self.severity}, " + super().extra_repr()
 
 
 def _cifar_c(name: str, split: str, root: str | Path | None, corruption: str, severity: int,
              num_examples: int | None, download: bool, url: str | None, md5: str | None,
-             examples_per_severity: int) -> CIFARC:
+             examples_per_severity: int | None) -> CIFARC:
     check_split(split, ("test",))
     _check_selection(corruption, severity, examples_per_severity)  # before any download
     archive = CIFAR_C_ARCHIVES[name]
@@ -215,7 +237,7 @@ def _cifar_c(name: str, split: str, root: str | Path | None, corruption: str, se
 @register_dataset("cifar10_c")
 def cifar10_c(split: str = "test", root: str | Path | None = None, corruption: str = "gaussian_noise",
               severity: int = 5, num_examples: int | None = None, download: bool = False,
-              url: str | None = None, md5: str | None = None, examples_per_severity: int = 10000) -> CIFARC:
+              url: str | None = None, md5: str | None = None, examples_per_severity: int | None = None) -> CIFARC:
     """CIFAR-10-C (see :class:`CIFARC`); only a ``"test"`` split.
 
     ``root`` is the directory with the ``.npy`` files or its parent (default
@@ -230,7 +252,7 @@ def cifar10_c(split: str = "test", root: str | Path | None = None, corruption: s
 @register_dataset("cifar100_c")
 def cifar100_c(split: str = "test", root: str | Path | None = None, corruption: str = "gaussian_noise",
                severity: int = 5, num_examples: int | None = None, download: bool = False,
-               url: str | None = None, md5: str | None = None, examples_per_severity: int = 10000) -> CIFARC:
+               url: str | None = None, md5: str | None = None, examples_per_severity: int | None = None) -> CIFARC:
     """CIFAR-100-C; as :func:`cifar10_c` with ``CIFAR-100-C.tar`` and 100 classes."""
     return _cifar_c("cifar100_c", split, root, corruption, severity, num_examples, download, url, md5,
                     examples_per_severity)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from tta.data.base import check_split, subset_indices
+from tta.data.base import ImageReader, check_split, subset_indices
 from tta.data.registry import register_dataset
 
 __all__ = ["image_folder"]
@@ -17,7 +17,9 @@ def image_folder(split: str = "test", root: str | Path | None = None, num_exampl
     unresized.
 
     If ``root/<split>`` is a directory it is used, else ``root`` itself. ``num_examples``
-    keeps a fixed-seed random subset (see :func:`tta.data.base.subset_indices`).
+    keeps a fixed-seed random subset (see :func:`tta.data.base.subset_indices`). Images are
+    decoded by :class:`tta.data.base.ImageReader`: a corrupt or truncated file, or an image
+    whose size differs from the first one's, raises ``ValueError`` naming the files.
     """
     import torchvision
     from torchvision.transforms import ToTensor
@@ -37,4 +39,5 @@ def image_folder(split: str = "test", root: str | Path | None = None, num_exampl
     keep = subset_indices(len(ds.samples), num_examples)
     ds.samples = ds.imgs = [ds.samples[i] for i in keep]
     ds.targets = [label for _, label in ds.samples]
+    ds.loader = ImageReader(ds.samples[0][0])
     return ds

@@ -7,11 +7,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from tta.data.base import check_num_examples, check_split, subset_indices
+from tta.data.base import ImageReader, check_num_examples, check_split, files_fingerprint, subset_indices
+from tta.data.cifar import CIFAR_C_CORRUPTIONS, SEVERITIES
 from tta.data.registry import register_dataset
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageNetC", "imagenet_c"]
@@ -19,6 +19,14 @@ __all__ = ["IMAGE_EXTENSIONS", "ImageNetC", "imagenet_c"]
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+
+
+def _is_plain(name: object) -> bool:
+    """Whether ``name`` is a single path component (no separator, not ``.``/``..``), so no path
+    built from it leaves its directory."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
 def _read_list_file(path: Path) -> list[str]:
     """Lines ``<wnid>/<file name>``, optionally followed by whitespace and anything (e.g. a
     label); blank lines and ``#`` comments are skipped. RobustBench's
@@ -31,7 +39,8 @@ def _read_list_file(path: Path) -> list[str]:
         if not line or line.startswith("#"):
             continue
         entry = line.split()[0]
-        if len(Path(entry).parts) != 2:
+        parts = entry.split("/")
+        if len(parts) != 2 or not all(map(_is_plain, parts)):
             raise ValueError(f"{path}:{number}: expected '<wnid>/<file name>', got {line!r}")
         entries.append(entry)
     return entries
@@ -43,9 +52,15 @@ class ImageNetC(Dataset):
     No resize and no crop: the published images are already 224 x 224 (re-cropping them to
     a centre crop is a common mistake that changes the numbers).
 
+    Every name that becomes part of a path (``corruption``, ``severity``, ``classes``, list-file
+    entries) is validated before any path is built, so no argument reads outside ``root``.
+    Images are decoded by :class:`tta.data.base.ImageReader`: a corrupt or truncated file, or
+    an image whose size differs from the first one's, raises ``ValueError`` naming the files.
+
     Args:
         root: the ImageNet-C directory (holding one directory per corruption).
-        corruption: the corruption directory name, e.g. ``"gaussian_noise"``.
+        corruption: one of the 15 + 4 published corruptions
+            (:data:`tta.data.cifar.CIFAR_C_CORRUPTIONS`), e.g. ``"gaussian_noise"``.
         severity: 1 to 5.
         list_file: optional text file of ``<wnid>/<file name>`` lines selecting a subset, in
             that order (e.g. RobustBench's 5,000-image ``imagenet_test_image_ids.txt``).
@@ -64,17 +79,21 @@ class ImageNetC(Dataset):
 
     def __init__(self, root: str | Path, corruption: str, severity: int, list_file: str | Path | None = None,
                  num_examples: int | None = None, classes: Sequence[str] | None = None) -> None:
+        if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
         root = Path(root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"ImageNet-C root {root} does not exist")
-        if not (root / corruption).is_dir():
+        if corruption not in CIFAR_C_CORRUPTIONS or not (root / corruption).is_dir():
             found = sorted(p.name for p in root.iterdir() if p.is_dir())
             raise ValueError(
-                f"unknown corruption {corruption!r}: no directory {root / corruption}; "
-                f"valid names (found in {root}): {', '.join(found) or 'none'}"
+                f"unknown corruption {corruption!r}"
+                + (f": no directory {root / corruption}" if corruption in CIFAR_C_CORRUPTIONS else "")
+                + f"; valid names: {', '.join(CIFAR_C_CORRUPTIONS)}; found in {root}: {', '.join(found) or 'none'}"
             )
-        if isinstance(severity, bool) or severity not in (1, 2, 3, 4, 5):
-            raise ValueError(f"severity must be one of (1, 2, 3, 4, 5), got {severity!r}")
+        for wnid in classes or ():
+            if not _is_plain(wnid):
+                raise ValueError(f"invalid class {wnid!r}: expected a plain directory name (a wnid)")
         directory = root / corruption / str(severity)
         if not directory.is_dir():
             raise FileNotFoundError(f"ImageNet-C directory {directory} does not exist")
@@ -111,6 +130,7 @@ class ImageNetC(Dataset):
             samples = [samples[i] for i in subset_indices(len(samples), num_examples)]
         self.samples = samples
         self.targets = [label for _, label in samples]
+        self.reader = ImageReader(samples[0][0]) if samples else None
         logger.info("ImageNet-C %s/%d: %d images", corruption, severity, len(samples))
 
     def __len__(self) -> int:
@@ -118,9 +138,14 @@ class ImageNetC(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0), label
+        array = np.array(self.reader(path))  # (H, W, 3) uint8, a writable copy
+        return torch.from_numpy(array).permute(2, 0, 1).to(torch.float32).div_(255.0), label
+
+    def fingerprint(self) -> str:
+        """sha256 hex digest of the resolved root, the selection, the classes and each sample's
+        relative path, label, size and ``st_mtime_ns``, in order (see
+        :func:`tta.data.base.files_fingerprint`; the files are not decoded)."""
+        return files_fingerprint(self.root, self.samples, self.classes, self.corruption, self.severity)
 
     def __repr__(self) -> str:
         return (f"ImageNetC(corruption={self.corruption!r}, severity={self.severity}, "
