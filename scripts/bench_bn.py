@@ -7,8 +7,12 @@ of ``tta.recalibrate`` relative to one plain ``no_grad`` pass over the same batc
 
     PYTHONPATH=. python scripts/bench_bn.py                      # both models
     PYTHONPATH=. python scripts/bench_bn.py --models resnet18 --repeats 20 --exact
+    PYTHONPATH=. python scripts/bench_bn.py --skip-recal --compile  # + torch.compile (inductor)
 
 Goals (issue 2): batch/blend/ema <= 1.10x, source <= 1.02x, recalibrate(exact=False) <= 1.2x.
+With --compile, the same models compiled with ``torch.compile(fullgraph=True)`` (inductor, which
+needs a C++ compiler on CPU) are timed against the compiled torch model; a failure to compile is
+reported and does not stop the script.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import argparse
 import copy
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -68,6 +73,35 @@ def bench_forward(name: str, repeats: int, device: str) -> dict[str, float]:
     return {k: t / base for k, t in results.items()}
 
 
+def bench_compiled(name: str, repeats: int, device: str) -> dict[str, float] | None:
+    """Per-forward time of inductor-compiled converted models relative to the compiled torch model."""
+    size, batch = CONFIGS[name]
+    torch.manual_seed(0)
+    plain = getattr(torchvision.models, name)(num_classes=1000).eval().to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    fns: dict[str, Callable[[], object]] = {}
+    try:
+        for stats in ("torch eval", "batch", "blend", "ema"):
+            model = copy.deepcopy(plain) if stats == "torch eval" else tta.convert(copy.deepcopy(plain), stats=stats).eval()
+            compiled = torch.compile(model, fullgraph=True)
+            start = time.perf_counter()
+            with torch.no_grad():
+                compiled(x)
+            print(f"  compiled {name} {stats}: {time.perf_counter() - start:.0f} s to compile")
+            fns[stats] = lambda c=compiled: c(x)
+        with torch.no_grad():
+            results = _interleaved(fns, repeats)
+    except Exception:  # noqa: BLE001 - report and go on: compilation is optional here
+        print(f"\ntorch.compile (inductor) failed for {name} on {device}:\n{traceback.format_exc(limit=3)}")
+        return None
+    base = results["torch eval"]
+    print(f"\n{name} {size}x{size} batch {batch} on {device}, torch.compile(fullgraph=True, inductor): "
+          f"per-forward {STATISTIC.__name__} over {repeats} interleaved runs")
+    for k, t in results.items():
+        print(f"  {k:<11} {t * 1e3:9.1f} ms   {t / base:5.3f}x")
+    return {k: t / base for k, t in results.items()}
+
+
 def bench_recalibration(name: str, repeats: int, batches: int, exact: bool) -> None:
     size, batch = CONFIGS[name]
     torch.manual_seed(0)
@@ -100,6 +134,7 @@ def main() -> None:
     parser.add_argument("--skip-recal", action="store_true", help="only the per-forward ratios")
     parser.add_argument("--stat", default="median", choices=["median", "min"], help="statistic over the runs")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor) models")
     args = parser.parse_args()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     bad = [n for n in names if n not in CONFIGS]
@@ -115,9 +150,13 @@ def main() -> None:
     summary = {name: bench_forward(name, args.repeats, args.device) for name in names}
     for name in [] if args.skip_recal else names:
         bench_recalibration(name, max(3, args.repeats // 3), args.recal_batches, args.exact)
+    compiled = {name: bench_compiled(name, args.repeats, args.device) for name in names} if args.compile else {}
     print("\nsummary (ratio to torch eval):")
     for name, ratios in summary.items():
         print(f"  {name}: " + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items() if k != "torch eval"))
+    for name, ratios in compiled.items():
+        print(f"  {name} compiled: " + ("failed (see above)" if ratios is None else
+                                        ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items() if k != "torch eval")))
 
 
 if __name__ == "__main__":

@@ -201,8 +201,6 @@ def test_bad_input_raises_and_restores_statistics():
         tta.recalibrate(model, [])
     with pytest.raises(ValueError, match="no batches"):
         tta.recalibrate(model, [], exact=True)
-    with pytest.raises(TypeError, match="re-iterable"):
-        tta.recalibrate(model, iter(_batches(x, 8)), exact=True)
     with pytest.raises(ValueError, match="max_batches must be a positive int or None, got 0"):
         tta.recalibrate(model, _batches(x, 8), max_batches=0)
     with pytest.raises(ValueError, match="prior"):
@@ -220,3 +218,117 @@ def test_cuda_matches_cpu(exact):
     for a, b in zip(_bns(cpu), _bns(gpu)):
         torch.testing.assert_close(b.running_mean.cpu(), a.running_mean, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b.running_var.cpu(), a.running_var, rtol=1e-4, atol=1e-5)
+
+
+class _Counting:
+    """A re-iterable that counts the batches pulled from it and records their sample indices."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.seen: list[torch.Tensor] = []
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.seen.append(batch[1] if isinstance(batch, (tuple, list)) else batch)
+            yield batch
+
+
+def _hook_count(model):
+    return sum(len(v) for m in model.modules() for k, v in vars(m).items() if "hooks" in k and isinstance(v, dict))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_never_pulls_more_than_max_batches(exact):
+    x = _data()
+    batches = iter(_batches(x, 6))  # 8 batches; an iterator is fine in exact mode too
+    model = tta.recalibrate(_model(), batches, max_batches=2, exact=exact)
+    assert len(list(batches)) == 6
+    counting = _Counting(_batches(x, 6))
+    tta.recalibrate(_model(), counting, max_batches=2, exact=exact)
+    assert len(counting.seen) == 2
+    if exact:  # statistics of exactly those 2 batches, under the final model in eval mode
+        _assert_stats(model, _record_inputs(copy.deepcopy(model), _batches(x[:12], 6), train=False), 1e-5, 1e-6)
+    else:
+        oracle = _model()
+        for m in _bns(oracle):
+            m.momentum = 0.0
+        _assert_stats(model, _record_inputs(oracle, _batches(x[:12], 6), train=True))
+
+
+def test_exact_with_shuffling_loader_uses_the_same_samples_for_every_layer():
+    x = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.arange(len(x))), batch_size=8,
+                                         shuffle=True, generator=torch.Generator().manual_seed(0))
+    counting = _Counting(loader)
+    model = tta.recalibrate(_model(), counting, exact=True, max_batches=2)
+    assert len(counting.seen) == 2  # read once, kept for every layer's pass
+    used = x[torch.cat(counting.seen)]
+    _assert_stats(model, _record_inputs(copy.deepcopy(model), _batches(used, 8), train=False), 1e-5, 1e-6)
+
+
+def _state(model):
+    buffers = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.source_mean)
+               for m in _bns(model)]
+    return buffers, [m.stats_config() for m in _bns(model)], [m.training for m in model.modules()], _hook_count(model)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_failed_recalibration_leaves_no_trace(exact):
+    x = _data()
+    model = tta.convert(_model(), stats="blend", prior=4)
+    model.bn1.train()
+    before = _state(model)
+
+    def failing():
+        yield x[:8]
+        yield x[8:16]
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        tta.recalibrate(model, failing(), exact=exact)
+    after = _state(model)
+    assert after[1:] == before[1:]
+    for (m0, v0, n0, s0), (m1, v1, n1, s1) in zip(before[0], after[0]):
+        assert torch.equal(m0, m1) and torch.equal(v0, v1) and torch.equal(n0, n1) and s0 is None and s1 is None
+    # so a later reset keeps ordinary train-mode updates (oracle: the torch model, same step)
+    oracle = _model().train()
+    tta.set_stats(model, "source")
+    model.train()
+    with torch.no_grad():
+        model(x[:8]), oracle(x[:8])
+    tta.reset(model)
+    for a, b in zip(_bns(model), _bns(oracle)):
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_empty_batches_are_skipped(exact):
+    x = _data()
+    model = tta.recalibrate(_model(), [x[:0], x[:8], x[8:8], (x[8:16], None)], exact=exact)
+    if exact:
+        expected = _record_inputs(copy.deepcopy(model), [x[:8], x[8:16]], train=False)
+    else:
+        oracle = _model()
+        for m in _bns(oracle):
+            m.momentum = 0.0
+        expected = _record_inputs(oracle, [x[:8], x[8:16]], train=True)
+    _assert_stats(model, expected, 1e-5, 1e-6)
+    with pytest.raises(ValueError, match="no batches"):
+        tta.recalibrate(_model(), [x[:0]], exact=exact)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_single_tensor_and_wrong_shapes_get_clear_errors_and_change_nothing(exact):
+    x = _data()
+    model = tta.convert(_model(), stats="batch")
+    before = _state(model)
+    with pytest.raises(TypeError, match=r"single tensor of shape \(48, 3, 6, 6\).*x.split"):
+        tta.recalibrate(model, x, exact=exact)
+    with pytest.raises(ValueError, match=r"'bn0' got input of shape \(8, 6, 6\): expected input \(N, 3, \*\)"):
+        tta.recalibrate(model, [x[:8, 0]], exact=exact)
+    with pytest.raises(ValueError, match=r"'bn0' got input of shape \(8, 3, 6\): expected 4D input"):
+        tta.recalibrate(model, [x[:8, :, 0]], exact=exact)
+    after = _state(model)
+    assert after[1:] == before[1:]
+    for a, b in zip(before[0], after[0]):
+        assert all(torch.equal(u, v) for u, v in zip(a[:3], b[:3])) and b[3] is None

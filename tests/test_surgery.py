@@ -66,7 +66,8 @@ def test_convert_replaces_shares_and_carries_everything():
 
 def test_convert_default_is_blend_prior_16_and_reconfigures_adaptive_layers():
     net = tta.convert(_net())
-    assert all(m.stats_config() == {"stats": "blend", "prior": 16.0, "alpha": None, "momentum": 0.1, "pooled": False}
+    assert all(m.stats_config() == {"stats": "blend", "prior": 16.0, "alpha": None, "momentum": 0.1, "pooled": False,
+                                   "variance": "biased"}
                for m in _bns(net))
     tta.convert(net, stats="ema", momentum=0.05)
     assert all((m.stats, m.ema_momentum) == ("ema", 0.05) for m in _bns(net))
@@ -220,3 +221,118 @@ def test_model_level_api_requires_converted_model():
     with pytest.raises(ValueError, match="convert"):
         with tta.use_stats(_net(), "batch"):
             pass
+
+
+def _three_channel():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+def _buffers(layer):
+    return {k: None if v is None else v.clone() for k, v in layer._buffers.items()}
+
+
+def _assert_same_buffers(layer, saved):
+    assert set(layer._buffers) == set(saved)
+    for k, v in saved.items():
+        cur = layer._buffers[k]
+        assert (cur is None and v is None) or torch.equal(cur, v), k
+
+
+def test_use_stats_restores_buffers_source_copy_and_reset_semantics():
+    oracle = _three_channel()  # torch's own BatchNorm: the training statistics
+    net = tta.convert(_three_channel(), stats="source")
+    x = torch.randn(8, 3, 5, 5)
+    shifted = x * 3 + 2
+    expected = oracle(x)
+    saved = _buffers(net[1])
+    with tta.use_stats(net, "ema", momentum=0.5):
+        net(shifted), net(shifted)
+        assert not torch.equal(net[1].running_mean, saved["running_mean"])  # EMA wrote into the buffers
+    _assert_same_buffers(net[1], saved)
+    assert net[1].source_mean is None
+    with tta.use_stats(net, "source"):
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+    # also when the block raises; train-mode updates (num_batches_tracked) inside are undone too
+    with pytest.raises(RuntimeError, match="boom"):
+        with tta.use_stats(net, "ema"):
+            net(shifted)
+            net.train()(shifted)
+            net.eval()
+            raise RuntimeError("boom")
+    with tta.use_stats(net, "source"):
+        net.train()(shifted)
+        assert net[1].num_batches_tracked.item() == 1
+        net.eval()
+    _assert_same_buffers(net[1], saved)
+    torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+    # a source copy taken before the block survives it unchanged, and reset still reaches it
+    tta.set_stats(net, "ema", momentum=0.5)
+    net(shifted)
+    adapted = _buffers(net[1])
+    with tta.use_stats(net, "ema"):
+        net(x)
+        tta.reset(net)
+    _assert_same_buffers(net[1], adapted)
+    tta.reset(net)
+    assert net[1].source_mean is None
+    tta.set_stats(net, "source")
+    torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+    _assert_same_buffers(net[1], saved)
+
+
+def _blend64(h, bn, w):
+    """Independent float64 blend of source and batch statistics with batch weight w."""
+    h = h.double()
+    var_b, mean_b = torch.var_mean(h, (0, 2, 3), correction=0)
+    mean = (1 - w) * bn.running_mean.double() + w * mean_b
+    var = (1 - w) * bn.running_var.double() + w * var_b
+    shape = (1, -1, 1, 1)
+    return (h - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps) * bn.weight.double().view(shape) \
+        + bn.bias.double().view(shape)
+
+
+def test_explicit_prior_or_alpha_wins_at_model_level():
+    net = tta.convert(_three_channel(), stats="blend", alpha=0.3)
+    x = torch.randn(8, 3, 5, 5) * 2 + 1
+    h = net[0](x)
+    tta.set_stats(net, "blend", prior=4)  # an explicit prior replaces the kept alpha
+    torch.testing.assert_close(net(x).double(), _blend64(h, net[1], 8 / 12), rtol=1e-5, atol=1e-5)
+    with tta.use_stats(net, "blend", alpha=0.5):  # an explicit alpha replaces the kept prior
+        torch.testing.assert_close(net(x).double(), _blend64(h, net[1], 0.5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net(x).double(), _blend64(h, net[1], 8 / 12), rtol=1e-5, atol=1e-5)
+    tta.convert(net, stats="blend", prior=8)
+    torch.testing.assert_close(net(x).double(), _blend64(h, net[1], 0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_variance_is_passed_through_and_signatures_are_readable():
+    import inspect
+
+    net = tta.convert(_net(), stats="blend", variance="unbiased")
+    assert all(m.stats_config()["variance"] == "unbiased" for m in _bns(net))
+    with tta.use_stats(net, "batch", variance="biased"):
+        assert all(m.stats_config()["variance"] == "biased" for m in _bns(net))
+    assert all(m.stats_config()["variance"] == "unbiased" and m.stats == "blend" for m in _bns(net))
+    tta.set_stats(net, "ema")
+    assert all(m.stats_config()["variance"] == "unbiased" for m in _bns(net))
+    with pytest.raises(ValueError, match="variance"):
+        tta.set_stats(net, "blend", variance="sample")
+    assert all(m.stats == "ema" for m in _bns(net))
+    for fn in (tta.set_stats, tta.use_stats, tta.convert):
+        text = str(inspect.signature(fn))
+        assert "variance" in text and "object at 0x" not in text, text
+
+
+def test_instance_norm_is_not_reported_as_batchnorm_left_alone(caplog):
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.InstanceNorm2d(4, track_running_stats=True), nn.BatchNorm2d(4))
+    with caplog.at_level(logging.WARNING, logger="tta.surgery"):
+        tta.convert(net)
+    assert type(net[1]) is nn.InstanceNorm2d and type(net[2]) is tta.AdaptiveBatchNorm2d
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    with pytest.raises(ValueError, match="no torch BatchNorm") as info:
+        tta.convert(nn.Sequential(nn.InstanceNorm1d(2)))
+    assert "InstanceNorm" not in str(info.value)

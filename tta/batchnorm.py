@@ -9,31 +9,52 @@ The ``state_dict`` keys are exactly torch's, so checkpoints load ``strict=True``
 """
 from __future__ import annotations
 
+import enum
+import functools
 import math
+import numbers
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["STATS", "AdaptiveBatchNorm1d", "AdaptiveBatchNorm2d", "AdaptiveBatchNorm3d"]
+__all__ = ["STATS", "VARIANCES", "AdaptiveBatchNorm1d", "AdaptiveBatchNorm2d", "AdaptiveBatchNorm3d"]
 
 STATS = ("source", "batch", "blend", "ema")
+VARIANCES = ("biased", "unbiased")
 
-# Marks "keep the current value" in set_stats (None is a meaningful value of alpha).
-_KEEP: Any = object()
+
+class _Keep(enum.Enum):
+    """Default of the ``set_stats`` arguments: keep the current value (``None`` is a value of alpha)."""
+
+    KEEP = "keep"
+
+    def __repr__(self) -> str:
+        return "<keep current>"
+
+
+_KEEP: Any = _Keep.KEEP
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf, meaning: str = "") -> float:
+    """``value`` as a float; Python and NumPy reals are accepted (bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number{meaning}, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and low <= number <= high):
+        valid = f"a finite number >= {low:g}" if high == math.inf else f"a number in [{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be {valid}{meaning}, got {value!r}")
+    return number
 
 
 def _check_prior(prior: Any) -> float:
-    if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not math.isfinite(prior) or prior < 0:
-        raise ValueError(f"prior must be a finite number >= 0 (the source weight in samples), got {prior!r}")
-    return float(prior)
+    return _check_number("prior", prior, 0.0, meaning=" (the source weight in samples)")
 
 
 def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
+    return _check_number(name, value, 0.0, 1.0)
 
 
 def _check_stats(stats: Any) -> str:
@@ -42,54 +63,101 @@ def _check_stats(stats: Any) -> str:
     return stats
 
 
+def _check_variance(variance: Any) -> str:
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    return variance
+
+
 # stats='batch' on CPU without autograd: batch_moments + the eval kernel instead of the
 # training kernel (faster, equal up to float rounding).
 _BATCH_VIA_MOMENTS = True
 # CPU fast path for inputs with at least this many values per (sample, channel) row.
 _ROWS_MIN_SPATIAL = 8
-# ... as long as no channel has mean^2 > _MAX_CONDITION * var (cancellation in E[x^2] - E[x]^2
-# would then cost more than ~1e-5 relative accuracy); otherwise the native kernel is used.
-_MAX_CONDITION = 100.0
+# Rows are summed in chunks of at most this many values (float32 partial sums, pooled in
+# float64), so the rounding error does not grow with the row length.
+_CHUNK = 128
+# Channels with mean^2 > _MAX_CONDITION * var are summed again, shifted by their mean: in
+# E[x^2] - E[x]^2 the error of the float32 sums is amplified by 1 + mean^2/var.
+_MAX_CONDITION = 10.0
 
 
-def _row_moments(input: Tensor, n: int, c: int, spatial: int) -> tuple[Tensor, Tensor] | None:
-    """Moments from float32 row sums and row norms (vectorised, one read), pooled in float64.
+@functools.lru_cache(maxsize=256)
+def _chunk_length(spatial: int) -> int:
+    """The largest divisor of ``spatial`` <= _CHUNK if it is >= _CHUNK/4, else _CHUNK (rows then
+    end in a shorter chunk)."""
+    first = -(-spatial // _CHUNK)
+    return next((spatial // k for k in range(first, 4 * first + 1) if spatial % k == 0), _CHUNK)
 
-    The native CPU statistics kernel accumulates scalar doubles channel by channel, 3-5x slower
-    than an eval-mode BatchNorm on mid-sized activations; contiguous row reductions are not.
-    """
-    rows = input.view(n * c, spatial)
-    sums = torch.stack([rows.sum(1), torch.linalg.vector_norm(rows, dim=1).square()])
-    totals = sums.double().view(2, n, c).sum(1) / (n * spatial)
+
+def _row_sums(input: Tensor, n: int, spatial: int) -> Tensor:
+    """(2, C) float64 sums of ``input`` (N, C, *) and of its squares per channel: vectorised
+    float32 sums over chunks of at most _CHUNK values, pooled in float64."""
+    rows = input.reshape(-1, spatial)
+    length = _chunk_length(spatial)
+    whole = spatial - spatial % length
+    parts = [rows[:, :whole].unflatten(1, (-1, length))] + ([rows[:, whole:]] if whole < spatial else [])
+    total = 0
+    for part in parts:
+        sums = torch.stack([part.sum(-1), torch.linalg.vector_norm(part, dim=-1).square()])
+        total = total + sums.double().view(2, n, input.shape[1], -1).sum((1, 3))
+    return total  # type: ignore[return-value]
+
+
+def _row_moments(input: Tensor, n: int, spatial: int) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance from row sums (see :func:`batch_moments`)."""
+    count = n * spatial
+    totals = _row_sums(input, n, spatial) / count
     mean, var = totals[0], (totals[1] - totals[0].square()).clamp_min(0.0)
-    if bool((mean.square() > _MAX_CONDITION * var).any()):
-        return None
+    ill = mean.square() > _MAX_CONDITION * var
+    if bool(ill.any()):
+        # Sum those channels again about their mean estimate: then the condition is ~1.
+        channels = ill.nonzero().view(-1)
+        shift = mean[channels].to(input.dtype)
+        part = input.index_select(1, channels)
+        part -= shift.view(1, -1, *[1] * (input.dim() - 2))
+        shifted = _row_sums(part, n, spatial) / count
+        mean[channels] = shift.double() + shifted[0]
+        var[channels] = (shifted[1] - shifted[0].square()).clamp_min(0.0)
     return mean.to(input.dtype), var.to(input.dtype)
 
 
 def batch_moments(input: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``input`` (N, C, *), in float32 (float64 for double).
+    """Per-channel mean and biased variance of ``input`` (N, C, *), reduced over all dims but C.
 
-    Differentiable when ``input`` requires grad; otherwise the fastest accurate reduction.
+    Returns float32 tensors of shape (C,) for float32/fp16/bf16 input, float64 for double.
+
+    * With autograd (``input.requires_grad``) or under ``torch.compile``: ``torch.var_mean``
+      in float32 (differentiable; branch-free, so the graph has no data-dependent break).
+    * CPU, contiguous float32/float64 input with >= 8 values per (sample, channel) row:
+      vectorised row sums and row norms over chunks of <= 128 values in the input dtype,
+      pooled in float64; channels with ``mean^2 > 10 var`` are summed again shifted by their
+      mean. Relative error of the variance <= 1e-5 for every row length (measured maximum
+      4.7e-6 over row lengths 9 to 512x512, batch sizes 1 to 128, normal, uniform,
+      exponential, half-rectified and 90-99%-constant data and ``mean^2/var`` from 0 to 1e4;
+      torch's double-accumulating kernel: 1e-7), several times faster than that kernel.
+    * Otherwise (CUDA, fp16/bf16, channels-last, tiny rows): the native fused kernel
+      ``torch.batch_norm_update_stats`` with float32 accumulators.
     """
     acc = torch.promote_types(input.dtype, torch.float32)
-    if torch.is_grad_enabled() and input.requires_grad:
-        # Differentiable path (e.g. entropy minimisation through the statistics).
-        dims = [0, *range(2, input.dim())]
-        var, mean = torch.var_mean(input.to(acc), dims, correction=0)
+    if (torch.is_grad_enabled() and input.requires_grad) or torch.compiler.is_compiling():
+        var, mean = torch.var_mean(input.to(acc), [0, *range(2, input.dim())], correction=0)
         return mean, var
     n, c = input.shape[0], input.shape[1]
     spatial = input.numel() // max(n * c, 1)
     if (input.device.type == "cpu" and input.dtype == acc and spatial >= _ROWS_MIN_SPATIAL
             and input.is_contiguous()):
-        moments = _row_moments(input, n, c, spatial)
-        if moments is not None:
-            return moments
+        return _row_moments(input, n, spatial)
     # One fused native kernel. Float32 scratch "running" tensors make it return float32
     # moments for fp16/bf16 input; momentum 0 means the scratch values are never used.
     scratch = torch.empty(2, c, dtype=acc, device=input.device)
     mean, var = torch.batch_norm_update_stats(input, scratch[0], scratch[1], 0.0)
     return mean, var
+
+
+def _same_dtype(*tensors: Tensor) -> list[Tensor]:
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return [t.to(dtype) for t in tensors]
 
 
 class _AdaptiveBatchNormMixin:
@@ -116,18 +184,25 @@ class _AdaptiveBatchNormMixin:
         alpha: float | None = None,
         ema_momentum: float = 0.1,
         pooled: bool = False,
+        variance: str = "biased",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)  # type: ignore[call-arg]
+        # kwargs: further arguments of the installed torch's BatchNorm (e.g. bias=False).
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)  # type: ignore[call-arg]
         # Copy of the source statistics, taken lazily before the first write by EMA or
         # recalibration; outside the state_dict so the keys stay torch's.
         self.register_buffer("source_mean", None, persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("source_var", None, persistent=False)  # type: ignore[attr-defined]
+        # Float32 EMA estimate for fp16/bf16 running buffers: (running_mean, running_var,
+        # their versions when written, mean, var); valid while the buffers are unchanged.
+        self._ema_shadow: tuple[Any, ...] | None = None
         self._stats = "source"
         self.prior = 16.0
         self.alpha: float | None = None
         self.ema_momentum = 0.1
         self.pooled = False
-        self.set_stats(stats, prior=prior, alpha=alpha, momentum=ema_momentum, pooled=pooled)
+        self.variance = "biased"
+        self.set_stats(stats, prior=prior, alpha=alpha, momentum=ema_momentum, pooled=pooled, variance=variance)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -147,25 +222,41 @@ class _AdaptiveBatchNormMixin:
         alpha: float | None = _KEEP,
         momentum: float = _KEEP,
         pooled: bool = _KEEP,
+        variance: str = _KEEP,
     ) -> None:
         """Choose the statistics source and its parameters; omitted arguments are kept.
 
         Args:
-            stats: one of ``"source"``, ``"batch"``, ``"blend"``, ``"ema"``.
-            prior: prior strength N of ``blend``: the source statistics count as N samples.
-            alpha: fixed weight of the batch statistics in ``blend`` (overrides ``prior``);
-                ``None`` uses ``prior``.
-            momentum: EMA momentum m (stored as ``ema_momentum``; the layer's own torch
-                ``momentum`` for train-mode running statistics is not touched).
+            stats: one of ``"source"``, ``"batch"``, ``"blend"``, ``"ema"``; ``None`` keeps it.
+            prior: prior strength N of ``blend`` (Schneider et al. 2020): the source
+                statistics count as N samples. An explicit ``prior`` clears a kept ``alpha``.
+            alpha: fixed weight of the batch statistics in ``blend``; overrides ``prior``
+                (also when both are given); ``None`` uses ``prior``.
+            momentum: EMA momentum m in [0, 1] (stored as ``ema_momentum``; the layer's own
+                torch ``momentum`` for train-mode running statistics is not touched).
             pooled: add the between-distribution term to the blended variance.
+            variance: ``"biased"`` (divide by n*H*W; torch's normalisation) or
+                ``"unbiased"`` (by n*H*W - 1; torch's ``running_var``) batch variance in
+                ``batch``, ``blend`` and ``ema``.
+
+        Numbers may be Python or NumPy reals. Nothing changes when an argument is bad.
+
+        Raises:
+            TypeError: ``prior``/``alpha``/``momentum`` not a real number, ``pooled`` not a bool.
+            ValueError: bad ``stats``/``variance``, ``prior`` < 0 or not finite, ``alpha`` or
+                ``momentum`` outside [0, 1], ``blend``/``ema`` with ``track_running_stats=False``.
         """
         new_stats = self._stats if stats is None else _check_stats(stats)
         new_prior = self.prior if prior is _KEEP else _check_prior(prior)
-        new_alpha = self.alpha if alpha is _KEEP else (None if alpha is None else _check_fraction("alpha", alpha))
+        if alpha is _KEEP:
+            new_alpha = None if prior is not _KEEP else self.alpha
+        else:
+            new_alpha = None if alpha is None else _check_fraction("alpha", alpha)
         new_momentum = self.ema_momentum if momentum is _KEEP else _check_fraction("momentum", momentum)
-        if pooled is not _KEEP and not isinstance(pooled, bool):
+        if pooled is not _KEEP and not isinstance(pooled, (bool, np.bool_)):
             raise TypeError(f"pooled must be a bool, got {pooled!r}")
-        new_pooled = self.pooled if pooled is _KEEP else pooled
+        new_pooled = self.pooled if pooled is _KEEP else bool(pooled)
+        new_variance = self.variance if variance is _KEEP else _check_variance(variance)
         if new_stats in ("blend", "ema") and self.running_mean is None:  # type: ignore[attr-defined]
             raise ValueError(
                 f"stats={new_stats!r} needs running statistics, but this layer has "
@@ -176,6 +267,8 @@ class _AdaptiveBatchNormMixin:
         self.alpha = new_alpha
         self.ema_momentum = new_momentum
         self.pooled = new_pooled
+        self.variance = new_variance
+        self._adopt_buffers()
 
     def stats_config(self) -> dict[str, Any]:
         """The arguments of :meth:`set_stats` that reproduce the current configuration."""
@@ -185,15 +278,46 @@ class _AdaptiveBatchNormMixin:
             "alpha": self.alpha,
             "momentum": self.ema_momentum,
             "pooled": self.pooled,
+            "variance": self.variance,
         }
+
+    # ------------------------------------------------------------------ own buffers
+    # The layer's "own" running buffers are recorded whenever they are legitimately set
+    # (construction, set_stats, assignment, load_state_dict, .to()/.half()). Inside
+    # torch.func.functional_call the running buffers are the caller's tensors: EMA writes
+    # them (as torch's train mode does) but takes no source copy of them.
+    def _adopt_buffers(self) -> None:
+        vars(self)["_own"] = (self._buffers.get("running_mean"), self._buffers.get("running_var"))  # type: ignore[attr-defined]
+
+    def _owns_buffers(self) -> bool:
+        own = vars(self).get("_own")
+        return own is None or (own[0] is self.running_mean and own[1] is self.running_var)  # type: ignore[attr-defined]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        stats_buffer = name in ("running_mean", "running_var")
+        if stats_buffer and value is not self._buffers.get(name) and "source_mean" in self._buffers:  # type: ignore[attr-defined]
+            # New running statistics are the new source statistics.
+            self._buffers["source_mean"] = self._buffers["source_var"] = None  # type: ignore[attr-defined]
+        super().__setattr__(name, value)
+        if stats_buffer:
+            self._adopt_buffers()
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        self._adopt_buffers()
+        return result
 
     # ------------------------------------------------------------------ source copy
     @torch.no_grad()
     def save_source_stats(self) -> None:
-        """Keep a copy of the running statistics (once) before they are overwritten."""
-        if self.source_mean is None and self.running_mean is not None:  # type: ignore[attr-defined]
-            self.source_mean = self.running_mean.clone()  # type: ignore[attr-defined]
-            self.source_var = self.running_var.clone()  # type: ignore[attr-defined]
+        """Keep a copy of the running statistics (once) before they are overwritten.
+
+        Does nothing inside ``torch.func.functional_call`` (the running buffers are then the
+        caller's tensors, not the layer's).
+        """
+        if self.source_mean is None and self.running_mean is not None and self._owns_buffers():  # type: ignore[attr-defined]
+            self._buffers["source_mean"] = self.running_mean.clone()  # type: ignore[attr-defined]
+            self._buffers["source_var"] = self.running_var.clone()  # type: ignore[attr-defined]
 
     @torch.no_grad()
     def restore_source_stats(self) -> None:
@@ -210,6 +334,39 @@ class _AdaptiveBatchNormMixin:
         if prefix + "running_mean" in state_dict:
             self.source_mean = None
             self.source_var = None
+        self._adopt_buffers()
+
+    # ------------------------------------------------------------------ running statistics
+    def _running_stats(self) -> tuple[Tensor, Tensor]:
+        """``running_mean``/``running_var`` in float32 (float64 buffers stay float64); for
+        fp16/bf16 buffers the float32 EMA estimate while the buffers hold what EMA wrote."""
+        mean, var = self.running_mean, self.running_var  # type: ignore[attr-defined]
+        shadow = self._ema_shadow
+        if (shadow is not None and not torch.compiler.is_compiling() and shadow[0] is mean and shadow[1] is var
+                and shadow[2] == (mean._version, var._version)):
+            return shadow[3], shadow[4]
+        acc = torch.promote_types(mean.dtype, torch.float32)
+        return mean.to(acc), var.to(acc)
+
+    @torch.no_grad()
+    def _write_running(self, mean: Tensor, var: Tensor) -> None:
+        """Store the EMA estimate in the running buffers (after saving the source copy).
+
+        fp16/bf16 buffers get the estimate rounded and clipped to their finite range; the
+        layer keeps the float32 estimate (not in the state_dict) for its next steps.
+        """
+        self.save_source_stats()
+        running_mean, running_var = self.running_mean, self.running_var  # type: ignore[attr-defined]
+        if torch.finfo(running_mean.dtype).bits >= torch.finfo(mean.dtype).bits:
+            running_mean.copy_(mean)
+            running_var.copy_(var)
+            return
+        largest = torch.finfo(running_mean.dtype).max
+        running_mean.copy_(mean.clamp(-largest, largest))
+        running_var.copy_(var.clamp(max=largest))
+        if not torch.compiler.is_compiling() and self._owns_buffers():
+            self._ema_shadow = (running_mean, running_var, (running_mean._version, running_var._version),
+                                mean.detach(), var.detach())
 
     # ------------------------------------------------------------------ forward
     def _check_input_dim(self, input: Tensor) -> None:
@@ -221,27 +378,42 @@ class _AdaptiveBatchNormMixin:
             want = " or ".join(f"{d}D" for d in dims)
             raise ValueError(f"expected {want} input (got {input.dim()}D input)")
 
+    def _too_few_values(self, input: Tensor) -> ValueError:
+        if self._stats == "batch":
+            need = "stats='batch' needs more than 1 value per channel to compute batch statistics"
+        else:
+            need = f"stats={self._stats!r} with variance='unbiased' needs more than 1 value per channel"
+        if self.running_mean is None:  # type: ignore[attr-defined]
+            hint = ("this layer has track_running_stats=False, so there are no running statistics to "
+                    "fall back on: pass more than one value per channel (more samples or a larger input)")
+        elif self._stats == "batch":
+            hint = "use 'blend' or 'ema' (they accept one value per channel), or 'source' in eval mode"
+        else:
+            hint = "use variance='biased' (the batch variance is then 0)"
+        return ValueError(f"{need}, got input of shape {tuple(input.shape)}; {hint}")
+
     def _normalize(self, input: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """Normalise with per-channel ``mean``/``var`` kept in float32 (float64 for double
+        input) up to the normalisation, whatever the dtype of input, parameters and buffers."""
+        weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
         if mean.requires_grad or var.requires_grad:
             # native eval-mode batch_norm has no gradient for mean/var: spell it out.
             shape = (1, -1) + (1,) * (input.dim() - 2)
             scale = torch.rsqrt(var + self.eps)  # type: ignore[attr-defined]
-            if self.weight is not None:  # type: ignore[attr-defined]
-                scale = scale * self.weight  # type: ignore[attr-defined]
+            if weight is not None:
+                scale = scale * weight
             shift = -mean * scale
-            if self.bias is not None:  # type: ignore[attr-defined]
-                shift = shift + self.bias  # type: ignore[attr-defined]
-            out = input * scale.view(shape) + shift.view(shape)
-            return out.to(input.dtype)
-        # Same dtype as the layer's parameters/buffers (float32 under autocast).
-        reference = self.running_mean if self.running_mean is not None else self.weight  # type: ignore[attr-defined]
-        stat_dtype = mean.dtype if reference is None else reference.dtype
+            if bias is not None:
+                shift = shift + bias
+            return (input * scale.view(shape) + shift.view(shape)).to(input.dtype)
+        # fp16/bf16 input with float32 statistics and parameters: torch's mixed-type kernel.
+        acc = torch.promote_types(input.dtype, torch.float32)
         return F.batch_norm(
             input,
-            mean.to(stat_dtype),
-            var.to(stat_dtype),
-            self.weight,  # type: ignore[attr-defined]
-            self.bias,  # type: ignore[attr-defined]
+            mean.to(acc),
+            var.to(acc),
+            None if weight is None else weight.to(acc),
+            None if bias is None else bias.to(acc),
             False,
             0.0,
             self.eps,  # type: ignore[attr-defined]
@@ -254,25 +426,31 @@ class _AdaptiveBatchNormMixin:
             # running-statistics updates) in train mode.
             return super().forward(input)  # type: ignore[misc]
         self._check_input_dim(input)
-        values_per_channel = input.numel() // max(input.shape[1], 1)
+        values = input.numel() // max(input.shape[1], 1)  # per channel: n * H * W
+        unbiased = self.variance == "unbiased"
         if stats == "batch":
-            if values_per_channel <= 1:
-                raise ValueError(
-                    f"stats='batch' needs more than 1 value per channel to compute batch statistics, "
-                    f"got input of shape {tuple(input.shape)}; use 'blend' or 'ema' for single samples"
-                )
-            if (torch.is_grad_enabled() and input.requires_grad) or not _BATCH_VIA_MOMENTS or input.device.type != "cpu":
+            if values == 1:
+                raise self._too_few_values(input)
+            if values == 0 or not unbiased and (torch.compiler.is_compiling() or not _BATCH_VIA_MOMENTS
+                                                or (torch.is_grad_enabled() and input.requires_grad)
+                                                or input.device.type != "cpu"):
                 # The native training kernel without running buffers: torch's train-mode
-                # output and gradients, running statistics untouched.
-                return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)  # type: ignore[attr-defined]
+                # output (also for an empty batch) and gradients, running statistics untouched.
+                w, b = self.weight, self.bias  # type: ignore[attr-defined]
+                return F.batch_norm(input, None, None, w, b, True, 0.0, self.eps)  # type: ignore[attr-defined]
             # On CPU without autograd, our moments + the eval kernel are faster than the
             # training kernel, and equal to it up to float rounding.
-            return self._normalize(input, *batch_moments(input))
-        source_mean = self.running_mean.float() if self.running_mean.dtype != torch.float64 else self.running_mean  # type: ignore[attr-defined]
-        source_var = self.running_var.float() if self.running_var.dtype != torch.float64 else self.running_var  # type: ignore[attr-defined]
-        if values_per_channel == 0:  # empty batch: nothing to adapt to
+            mean, var = batch_moments(input)
+            return self._normalize(input, mean, var * (values / (values - 1)) if unbiased else var)
+        source_mean, source_var = self._running_stats()
+        if values == 0:  # empty batch: nothing to adapt to
             return self._normalize(input, source_mean, source_var)
+        if unbiased and values == 1:
+            raise self._too_few_values(input)
         batch_mean, batch_var = batch_moments(input)
+        if unbiased:
+            batch_var = batch_var * (values / (values - 1))
+        source_mean, source_var, batch_mean, batch_var = _same_dtype(source_mean, source_var, batch_mean, batch_var)
         if stats == "blend":
             n = input.shape[0]
             weight = self.alpha if self.alpha is not None else n / (self.prior + n)
@@ -286,10 +464,7 @@ class _AdaptiveBatchNormMixin:
         m = self.ema_momentum
         mean = torch.lerp(source_mean, batch_mean, m)
         var = torch.lerp(source_var, batch_var, m)
-        self.save_source_stats()
-        with torch.no_grad():
-            self.running_mean.copy_(mean)  # type: ignore[attr-defined]
-            self.running_var.copy_(var)  # type: ignore[attr-defined]
+        self._write_running(mean, var)
         return self._normalize(input, mean, var)
 
     def extra_repr(self) -> str:
@@ -300,6 +475,8 @@ class _AdaptiveBatchNormMixin:
                 s += ", pooled=True"
         elif self._stats == "ema":
             s += f", ema_momentum={self.ema_momentum:g}"
+        if self._stats != "source" and self.variance != "biased":
+            s += f", variance={self.variance}"
         return s
 
 
@@ -312,19 +489,25 @@ _DOC = r"""Applies Batch Normalization over a {rank} input with switchable stati
     * ``"source"``: torch semantics: running statistics in eval mode; in train mode batch
       statistics and running-statistics updates, exactly like torch (the default, so the
       layer can be a model's ``norm_layer``).
-    * ``"batch"``: the batch mean and biased variance, in both modes, running statistics
-      untouched (torch's train-mode output).
+    * ``"batch"``: the batch mean and variance, in both modes, running statistics untouched
+      (with ``variance="biased"``: torch's train-mode output, as tent uses it).
     * ``"blend"``: ``w = n / (prior + n)`` (or ``w = alpha``), ``mean = (1 - w) mean_src +
-      w mean_batch``, likewise ``var``; with ``pooled=True`` the variance also gets
-      ``w (1 - w) (mean_src - mean_batch)^2``.
-    * ``"ema"``: ``mean <- (1 - m) mean + m mean_batch`` (likewise the biased variance,
+      w mean_batch``, likewise ``var`` (Schneider et al. 2020); with ``pooled=True`` the
+      variance also gets ``w (1 - w) (mean_src - mean_batch)^2``.
+    * ``"ema"``: ``mean <- (1 - m) mean + m mean_batch`` (likewise the variance,
       ``m = ema_momentum``), written into the running buffers, then used to normalise the
       same batch: one forward pass.
 
-    ``model.train()``/``model.eval()`` never change ``stats``. Batch statistics are computed
-    in float32 for fp16/bf16 inputs (autocast). The running statistics that EMA or
-    recalibration overwrite are copied once into the non-persistent buffers
-    ``source_mean``/``source_var``; :meth:`restore_source_stats` (``tta.reset``) puts them back.
+    The batch variance is the biased one (divide by n*H*W) or, with ``variance="unbiased"``,
+    the unbiased one (n*H*W - 1; torch's ``running_var`` convention, used by
+    BayesianBatchNorm and AlphaBatchNorm). ``model.train()``/``model.eval()`` never change
+    ``stats``. Statistics stay float32 up to the normalisation for fp16/bf16 inputs, parameters
+    or buffers (autocast or ``.half()``); fp16/bf16 running buffers receive the EMA estimate
+    rounded and clipped to their range while the layer keeps it in float32. The running
+    statistics that EMA or recalibration overwrite are copied once into the non-persistent
+    buffers ``source_mean``/``source_var``; :meth:`restore_source_stats` (``tta.reset``) puts
+    them back. An empty batch gives an empty output; ``"batch"`` raises ``ValueError`` on one
+    value per channel.
 
     Args:
         num_features: number of channels C.
@@ -335,6 +518,8 @@ _DOC = r"""Applies Batch Normalization over a {rank} input with switchable stati
         alpha: fixed weight of the batch statistics in ``"blend"``; overrides ``prior``.
         ema_momentum: momentum m of ``"ema"``. Default: 0.1.
         pooled: add the between-distribution variance term in ``"blend"``. Default: False.
+        variance: ``"biased"`` or ``"unbiased"`` batch variance. Default: ``"biased"``.
+        **kwargs: further arguments of the installed torch's ``{base}`` (e.g. ``bias=False``).
 
     Shape:
         - Input: {shape}
