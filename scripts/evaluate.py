@@ -6,11 +6,14 @@
     python scripts/evaluate.py -m adapt=source,batch,blend adapt.prior=1,4,16,64 batch_size=1,8,64
 
 Writes results.json and results.csv into the job's Hydra output directory, or error.json
-when the job fails (in a multirun the other jobs go on).
+when the job fails. A failure prints one line (TTA_DEBUG=1: the traceback) and exits with
+status 1; in a multirun the other jobs go on and the sweep exits with status 1 at the end,
+naming the failed jobs (tta.evaluation.sweeps).
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,13 +29,22 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from tta.evaluation.pipeline import run_benchmark
-from tta.evaluation.results import write_error
+from tta.evaluation.results import ERROR_JSON, finished, run_lock, sync_results_csv, write_error
+from tta.evaluation.sweeps import record_job, sweep_recorded  # registers ${tta.job_dirname:}
 
 logger = logging.getLogger("evaluate")
 
 # options that change how a job runs, not what it measures: left out of the stored config,
 # so changing them does not invalidate finished results
 RUN_OPTIONS = ("force", "progress", "num_threads", "device", "cache_dir")
+DEBUG_ENV = "TTA_DEBUG"  # TTA_DEBUG=1: a failing job raises (full traceback) instead
+
+
+def as_list(value: Any) -> list[Any]:
+    """A scalar (``corruption.names=fog``, ``corruption.severities=3``) is a one-element list."""
+    if value is None or isinstance(value, (str, int, float)):
+        return [value]
+    return list(value)
 
 
 def protocol_config(cfg: DictConfig) -> dict[str, Any]:
@@ -42,7 +54,7 @@ def protocol_config(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in RUN_OPTIONS}
 
 
-def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+def run(cfg: DictConfig, output_dir: str | Path, config: dict[str, Any]) -> dict[str, Any]:
     """Maps the config onto :func:`tta.evaluation.run_benchmark`'s plain arguments."""
     adapt = {k: v for k, v in OmegaConf.to_container(cfg.adapt, resolve=True).items() if k != "name"}
     stream = {k: v for k, v in OmegaConf.to_container(cfg.stream, resolve=True).items() if k != "name"}
@@ -52,7 +64,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         output_dir,
         dataset=d.name, dataset_root=d.root, dataset_split=d.split,
         dataset_kwargs=OmegaConf.to_container(d.kwargs, resolve=True),
-        precorrupted=d.precorrupted, clean_dataset=d.clean,
+        precorrupted=d.precorrupted, clean_dataset=d.clean, clean_dataset_root=d.clean_root,
         model=m.name, pretrained=m.pretrained, weights=m.weights,
         model_kwargs={"num_classes": m.num_classes, "in_channels": m.in_channels,
                       **OmegaConf.to_container(m.kwargs, resolve=True)},
@@ -60,8 +72,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         method=cfg.adapt.name, method_params=adapt, stream=cfg.stream.name, stream_params=stream,
         batch_size=cfg.batch_size, num_examples=cfg.num_examples, seed=cfg.seed,
         device=cfg.device, num_threads=cfg.num_threads, cache_dir=cache_dir,
-        baseline=cfg.baseline, force=cfg.force, progress=cfg.progress,
-        config=protocol_config(cfg),
+        baseline=cfg.baseline, force=cfg.force, progress=cfg.progress, config=config,
     )
 
 
@@ -69,24 +80,48 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
 def main(cfg: DictConfig) -> dict[str, Any] | None:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
+    error_file = None
     try:
-        results = run(cfg, output_dir)
-    except Exception as error:  # recorded, so that one failing job does not stop a sweep
-        try:
-            config = protocol_config(cfg)
-        except Exception:
-            config = None
-        write_error(output_dir, error, config)
-        logger.error("job failed (%s: %s); recorded in %s", type(error).__name__, error,
-                     output_dir / "error.json")
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            return None
-        raise
+        cfg.corruption.names = as_list(cfg.corruption.names)
+        cfg.corruption.severities = as_list(cfg.corruption.severities)
+        config = protocol_config(cfg)
+        # refusals leave the directory alone: another run owns it (OutputDirLocked), or it
+        # holds results of another config (ValueError; force=true overwrites them)
+        with run_lock(output_dir):
+            sync_results_csv(output_dir)
+            if not cfg.force:
+                finished(output_dir, config)
+            try:
+                results = run(cfg, output_dir, config)
+            except Exception as error:
+                write_error(output_dir, error, config)
+                error_file = output_dir / ERROR_JSON
+                raise
+    except Exception as error:
+        return failed(error, output_dir, error_file, hydra_cfg)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        record_job(hydra_cfg.sweep.dir, hydra_cfg.job.num, output_dir)
     mean = results["mean"]
     print(f"{results['method']} / {results['stream']}: accuracy {100 * mean['accuracy']:.2f}% "
           f"(source {100 * mean['source_accuracy']:.2f}%, recovered "
           f"{100 * mean['recovered']:+.2f} points) -> {output_dir / 'results.json'}")
     return results
+
+
+def failed(error: Exception, output_dir: Path, error_file: Path | None, hydra_cfg: Any) -> None:
+    """One log line for a failed job; exit status 1 for a single run, a record for the sweep
+    (:class:`tta.evaluation.sweeps.SweepStatus`) in a multirun."""
+    logger.error("job failed: %s: %s (%s; %s=1 shows the traceback)", type(error).__name__,
+                 error, f"recorded in {error_file}" if error_file else f"{output_dir} unchanged",
+                 DEBUG_ENV)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
+        record_job(hydra_cfg.sweep.dir, hydra_cfg.job.num, output_dir, error)
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0") or (multirun and not sweep_recorded()):
+        raise error
+    if not multirun:
+        raise SystemExit(1)
+    return None
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Train a source model on a clean train split and save a checkpoint (Hydra app).
 
-    python scripts/train_source.py                                # ResNet-20 on Fashion-MNIST
+    python scripts/train_source.py                                # ResNet-14 on Fashion-MNIST
     python scripts/train_source.py dataset=digits epochs=1 output=/tmp/digits.pt
-    python scripts/train_source.py model=resnet8 model.kwargs.width=8 dataset=digits
-    python scripts/export_pretrained.py checkpoints/fashion_mnist_resnet20.pt
+    python scripts/train_source.py model=resnet8 +model.kwargs.width=8 dataset=digits
+    python scripts/export_pretrained.py checkpoints/fashion_mnist_resnet14.pt
 
-The checkpoint (written atomically) holds ``state_dict``, ``config``, ``clean_test_accuracy``,
-``model`` ({"name", "kwargs"}: how to rebuild it), ``training_time_s``, ``history`` and
-``command``. A finished checkpoint at ``output`` is not retrained (pass ``overwrite=true``).
+The checkpoint (written atomically) is ``{"state_dict": ..., "tta": metadata}``
+(:func:`tta.models.checkpoint.make_metadata`): the architecture and builder kwargs (with the
+train split's input mean/std), the dataset and its classes, the test accuracy on the whole test
+split, and ``config``, ``history``, ``training_time_s``, ``device``, ``command``, ``versions``.
+``scripts/evaluate.py model=<architecture> model.weights=<checkpoint>`` and
+``tta.models.get_model(architecture, weights=<checkpoint>)`` rebuild exactly this model. A
+finished checkpoint at ``output`` is not retrained (pass ``overwrite=true``).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 import tta.data
 import tta.models
 from tta.models import save_checkpoint
+from tta.models.checkpoint import METADATA_KEY, make_metadata
 from tta.training import channel_stats, dataset_tensors, train
 
 
@@ -48,6 +53,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = _plain(cfg.model.get("kwargs"))
     kwargs["num_classes"] = int(cfg.model.get("num_classes") or int(targets.max()) + 1)
     kwargs["in_channels"] = int(cfg.model.get("in_channels") or images.shape[1])
+    classes = getattr(test_set, "classes", None)
+    if int(targets.max()) >= kwargs["num_classes"] or (classes is not None and len(classes) != kwargs["num_classes"]):
+        raise ValueError(
+            f"num_classes={kwargs['num_classes']} does not fit dataset {cfg.dataset.name!r} "
+            f"(labels up to {int(targets.max())}, {None if classes is None else len(classes)} classes)"
+        )
     if cfg.normalize and "mean" not in kwargs:
         mean, std = channel_stats(images)
         kwargs["mean"] = [round(v, 4) for v in mean]
@@ -75,20 +86,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         crop_padding=cfg.augment.crop_padding, hflip=cfg.augment.hflip, seed=cfg.seed,
         device=device, amp=cfg.amp, progress=cfg.progress, on_epoch_end=report,
     )
-    checkpoint = {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "clean_test_accuracy": result.clean_test_accuracy,
-        "model": {"name": cfg.model.name, "kwargs": kwargs},
-        "dataset": cfg.dataset.name,
-        "training_time_s": result.training_time_s,
-        "history": result.history,
-        "device": str(torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}"),
-        "command": shlex.join(["python", *sys.argv]),
-        "versions": {"torch": str(torch.__version__)},
-    }
+    metadata = make_metadata(
+        cfg.model.name, kwargs, dataset=cfg.dataset.name, classes=classes,
+        test_accuracy=result.test_accuracy, split="test", num_examples=len(test_set),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        history=result.history,
+        training_time_s=result.training_time_s,
+        device=str(torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}"),
+        command=shlex.join(["python", *sys.argv]),
+        versions={"torch": str(torch.__version__)},
+    )
+    checkpoint = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, METADATA_KEY: metadata}
     save_checkpoint(checkpoint, output)
-    print(f"clean test accuracy {result.clean_test_accuracy:.4f}; "
+    print(f"test accuracy {result.test_accuracy:.4f} ({len(test_set)} images); "
           f"{result.training_time_s:.0f} s; saved {os.fspath(output)}")
     return checkpoint
 

@@ -2,6 +2,7 @@
 registered component has a config."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -109,11 +110,64 @@ def test_corruption_configs_name_valid_corruptions():
     assert load("corruption", "all")["names"] == list(tta.CORRUPTIONS)
 
 
-@pytest.mark.parametrize("preset,target", [("local", "joblib"), ("slurm", "submitit")])
-def test_launcher_presets(hydra_conf, preset, target):
-    cfg = compose(config_name="evaluate", overrides=[f"hydra/launcher={preset}"],
+LAUNCHERS = {"local": "joblib", "slurm": "submitit", "slurm_gpu": "submitit"}
+
+
+def test_every_launcher_preset_is_tested():
+    assert members("hydra/launcher") == sorted(LAUNCHERS)
+
+
+@pytest.mark.parametrize("preset", sorted(LAUNCHERS))
+def test_launcher_presets_compose(hydra_conf, preset):
+    pytest.importorskip(f"hydra_plugins.hydra_{LAUNCHERS[preset]}_launcher")
+    cfg = compose(config_name="evaluate", overrides=[f"hydra/launcher={preset}",
+                                                     "hydra.sweep.dir=/tmp/sweep"],
                   return_hydra_config=True)
-    assert target in cfg.hydra.launcher._target_.lower()
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert LAUNCHERS[preset] in launcher["_target_"].lower()
+
+
+@pytest.mark.parametrize("preset,gpus", [("slurm", None), ("slurm_gpu", "1")])
+def test_slurm_presets_ask_for_gpus_only_in_the_gpu_variant(hydra_conf, tmp_path, monkeypatch,
+                                                             preset, gpus):
+    """The sbatch script that hydra-submitit-launcher would submit: the CPU preset asks for no
+    GPU (a CPU cluster rejects --gpus/--gres with "Invalid generic resource")."""
+    submitit = pytest.importorskip("submitit")
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra.utils import instantiate
+
+    (tmp_path / "srun").write_text("#!/bin/sh\n")  # submitit checks that srun exists
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    cfg = compose(config_name="evaluate", overrides=[f"hydra/launcher={preset}",
+                                                     f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                  return_hydra_config=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=None, config=cfg)
+    executors = []
+
+    def submit(executor, *args, **kwargs):
+        executors.append(executor)
+        raise InterruptedError  # stop before sbatch
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", submit)
+    with pytest.raises(InterruptedError):
+        launcher.launch([["adapt=source"]], initial_job_idx=0)
+    sbatch = executors[0]._executor._make_submission_file_text("python evaluate.py", "0")
+    flags = [line.split()[1] for line in sbatch.splitlines() if line.startswith("#SBATCH")]
+    assert not any(f.startswith(("--gres", "--export")) for f in flags), flags
+    assert [f.split("=")[1] for f in flags if f.startswith("--gpus")] == ([gpus] if gpus else [])
+    assert "--cpus-per-task=8" in flags and "--mem=32GB" in flags
+
+
+def test_job_directories_are_named_by_escaped_overrides(hydra_conf):
+    import tta.evaluation.sweeps  # noqa: F401  (registers the resolver, as evaluate.py does)
+
+    cfg = compose(config_name="evaluate", return_hydra_config=True,
+                  overrides=["adapt=source", "dataset.root=../../data", "force=true"])
+    assert cfg.hydra.job.override_dirname == "adapt=source,dataset.root=../../data"
+    assert cfg.hydra.sweep.subdir == "adapt=source,dataset.root=..%2F..%2Fdata"
+    assert cfg.hydra.callbacks.sweep_status._target_ == "tta.evaluation.sweeps.SweepStatus"
 
 
 def test_unknown_group_member_lists_the_options(hydra_conf):

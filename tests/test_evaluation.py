@@ -163,7 +163,18 @@ def test_results_cell_matches_independent_computation(tmp_path, digits, bench):
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["cells"][0]["accuracy"] == pytest.approx(acc)
     csv = (tmp_path / "run" / "results.csv").read_text().splitlines()
-    assert len(csv) == 2 and csv[0].startswith("method,stream,batch_size")
+    assert len(csv) == 2 and "method,stream,batch_size" in csv[0]
+    assert "confusion" not in csv[0]  # the matrices stay in results.json
+    # confusion matrices (row: true class, column: predicted), counted here with numpy
+    assert results["num_classes"] == 10 and results["classes"] == [str(i) for i in range(10)]
+    for key, logits in (("confusion", adapted_logits), ("source_confusion", source_logits)):
+        expected = np.zeros((10, 10), dtype=np.int64)
+        np.add.at(expected, (targets.numpy(), logits.argmax(1).numpy()), 1)
+        assert saved["cells"][0][key] == expected.tolist(), key
+    expected = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(expected, (targets.numpy(), clean_logits.argmax(1).numpy()), 1)
+    assert saved["clean_confusion"] == expected.tolist()
+    assert saved["warnings"] == []  # a model that solves its data
 
 
 def test_ece_and_mce_against_hand_computation():
@@ -178,6 +189,91 @@ def test_ece_and_mce_against_hand_computation():
             {"corruption": "snow", "severity": 1, "error": 0.6}]
     assert corruption_errors(cells, base) == pytest.approx({"fog": 0.6 / 1.2, "snow": 0.5})
     assert mean_corruption_error(cells, base) == pytest.approx((0.5 + 0.5) / 2)
+
+
+def _baseline(path, cells, dataset="digits"):
+    path.write_text(json.dumps({"dataset": dataset, "cells": [
+        {"corruption": c, "severity": s, "error": e} for c, s, e in cells]}))
+    return path
+
+
+def test_mce_refuses_a_partial_baseline(tmp_path, bench):
+    base = _baseline(tmp_path / "base.json", [("fog", 1, 0.5), ("fog", 3, 0.6)])
+    with pytest.raises(ValueError, match=r"base.json.*no error for 4 of the 6 cells.*"
+                                         r"contrast/1, contrast/3, fog/5, contrast/5"):
+        bench(tmp_path, corruptions=["fog", "contrast"], severities=[1, 3, 5], baseline=base)
+    assert not (tmp_path / "cache").exists()  # refused before any work
+    run = [{"corruption": "fog", "severity": s, "error": 0.3} for s in (1, 3, 5)]
+    with pytest.raises(ValueError, match="fog/5"):
+        mean_corruption_error(run, json.loads(base.read_text())["cells"])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "not readable JSON"), ("[]", "not a results.json"),
+    ('{"dataset": "digits", "cells": []}', "not a results.json"),
+    ('{"dataset": "digits", "cells": [{"corruption": "fog", "severity": 3}]}', "not a results.json"),
+    ('{"dataset": "digits", "cells": [{"corruption": "fog", "severity": 3, "error": 7}]}',
+     "not a results.json"),
+    ('{"dataset": "fashion_mnist", "cells": [{"corruption": "fog", "severity": 3, "error": 0.5}]}',
+     "dataset 'fashion_mnist', this run is on 'digits'"),
+])
+def test_baseline_must_be_a_results_file_of_the_same_data(tmp_path, bench, content, message):
+    (tmp_path / "base.json").write_text(content)
+    with pytest.raises(ValueError, match=f"base.json.*{message}"):
+        bench(tmp_path, baseline=tmp_path / "base.json")
+    assert not (tmp_path / "cache").exists()  # before any work
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        bench(tmp_path, baseline=tmp_path / "missing.json")
+
+
+def test_mce_over_a_complete_baseline(tmp_path, bench):
+    base = [(c, s, e) for (c, s), e in zip([(c, s) for s in (1, 3) for c in ("fog", "contrast")],
+                                           (0.5, 0.4, 0.8, 0.9))]
+    path = _baseline(tmp_path / "base.json", base + [("snow", 1, 0.7)])  # extra cells are fine
+    results = bench(tmp_path, corruptions=["fog", "contrast"], severities=[1, 3], baseline=path)
+    error = {(c["corruption"], c["severity"]): c["error"] for c in results["cells"]}
+    ce = {name: sum(error[name, s] for s in (1, 3)) / sum(e for c, s, e in base if c == name)
+          for name in ("fog", "contrast")}
+    assert results["per_corruption"]["fog"]["ce"] == pytest.approx(ce["fog"])
+    assert results["mean"]["mce"] == pytest.approx((ce["fog"] + ce["contrast"]) / 2)
+    assert results["mce_cells"] == [["fog", 1], ["contrast", 1], ["fog", 3], ["contrast", 3]]
+
+
+def test_a_model_of_other_data_is_flagged(tmp_path, digits):
+    images, targets = digits
+    results = _bench(tmp_path, model=None, model_kwargs=None, pretrained="fashion_mnist",
+                     corruptions=["fog"], severities=[1])
+    model = tta.models.load_pretrained("fashion_mnist")
+    with torch.no_grad():
+        clean = (model(images.float() / 255).argmax(1) == targets).double().mean().item()
+    chance = np.bincount(targets.numpy()).max() / len(targets)  # majority-class rate
+    assert results["clean_accuracy"] == pytest.approx(clean)
+    assert clean < chance + 0.05  # within 5 points of chance: must be flagged
+    trained, near_chance = results["warnings"]
+    assert "trained on 'fashion_mnist'" in trained and "'digits'" in trained
+    assert f"{100 * clean:.1f}%" in near_chance and f"{100 * chance:.1f}%" in near_chance
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["warnings"] == results["warnings"]
+
+
+@pytest.mark.slow
+def test_the_app_says_so_on_stderr(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts" / "evaluate.py"), "dataset=digits",
+         "corruption.names=[fog]", "corruption.severities=[1]", "num_examples=64",
+         "progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env={**os.environ, "TTA_CACHE_DIR": str(tmp_path / "cache")},
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained on 'fashion_mnist'" in done.stderr and "of chance" in done.stderr
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(saved["warnings"]) == 2
 
 
 def test_source_is_order_and_batch_size_independent(digits, cells):
@@ -271,10 +367,10 @@ def test_source_cache_is_reused_and_keyed_by_model(tmp_path, monkeypatch, bench)
     for path in records:
         record = json.loads(path.read_text())
         if record["corruption"] == "fog":
-            record["accuracy"] = 0.123
+            record["ece"] = 0.123
             path.write_text(json.dumps(record))
     results = bench(tmp_path, method="batch", force=True)
-    assert results["cells"][0]["source_accuracy"] == 0.123
+    assert results["cells"][0]["source_ece"] == 0.123
     # a model with other weights gets other keys
     assert model_hash(small_model(0)) != model_hash(small_model(1))
     cells = list((tmp_path / "cache" / "cells").glob("*.npy"))
@@ -324,11 +420,40 @@ def test_bad_method_and_stream_parameters(tmp_path, bench):
         get_method("ema").params({"momentum": 0})
     with pytest.raises(ValueError, match="adapt.num_images"):
         get_method("recalibrate").params({"num_images": 0})
-    with pytest.raises(ValueError, match="stream.delta must be a number > 0"):
+    with pytest.raises(ValueError, match="stream.delta must be a finite number > 0"):
         get_stream("dirichlet").params({"delta": -0.5})
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         bench(tmp_path, batch_size=0)
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.parametrize("delta", [float("nan"), float("inf"), -1.0])
+def test_non_finite_or_negative_float_parameters(tmp_path, bench, delta):
+    with pytest.raises(ValueError, match=rf"stream.delta must be a finite number.*got {delta}"):
+        bench(tmp_path, stream="dirichlet", stream_params={"delta": delta})
+    with pytest.raises(ValueError, match=r"adapt.prior must be (a finite number|>= 0)"):
+        bench(tmp_path, method="blend", method_params={"prior": delta})
+    assert not (tmp_path / "cache").exists()
+
+
+def test_float_parameters_check_the_kind():
+    with pytest.raises(TypeError, match="stream.delta must be a number, got '0.1'"):
+        get_stream("dirichlet").params({"delta": "0.1"})
+    with pytest.raises(TypeError, match="stream.delta must be a number, got True"):
+        get_stream("dirichlet").params({"delta": True})
+    with pytest.raises(ValueError, match="stream.delta must be a finite number > 0"):
+        get_stream("dirichlet").params({"delta": 0})
+
+
+def test_model_output_width_must_match_the_classes(tmp_path, digits):
+    with pytest.raises(ValueError, match="outputs 5 class scores but dataset 'digits' has 10 "
+                                         "classes: set model.num_classes=10"):
+        _bench(tmp_path, model_kwargs={**MODEL_KWARGS, "num_classes": 5})
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "results.json").exists()
+    images, targets = digits  # the evaluation loop refuses labels beyond the outputs as well
+    with pytest.raises(ValueError, match=r"labels 0..9 do not fit the model's 5 class scores"):
+        evaluate(tta.models.get_model("resnet8", **{**MODEL_KWARGS, "num_classes": 5}).eval(),
+                 [Cell("clean", 0, images)], targets)
 
 
 def test_missing_data_root(tmp_path, bench):

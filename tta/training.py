@@ -24,7 +24,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    clean_test_accuracy: float
+    """``test_accuracy``: top-1 accuracy (fraction) on the whole clean test split after the last
+    epoch; ``history``: one record per epoch (epoch, train_loss, train_accuracy, test_accuracy,
+    lr, elapsed_s)."""
+
+    test_accuracy: float
     training_time_s: float
     history: list[dict[str, float]] = field(default_factory=list)
 

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 import tta
-from tta.evaluation._registry import Registry
+from tta._registry import Registry
+from tta.evaluation.streams import check_real
 
 __all__ = ["Method", "register_method", "get_method", "list_methods"]
 
@@ -27,8 +28,7 @@ def _check_number(name: str, value: Any, low: float | None = None, high: float |
                   low_open: bool = False, allow_none: bool = False) -> Any:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"adapt.{name} must be a number, got {value!r}")
+    check_real(f"adapt.{name}", value)  # a number, not nan or inf
     if low is not None and (value < low or (low_open and value == low)):
         bound = f"> {low}" if low_open else f">= {low}"
         raise ValueError(f"adapt.{name} must be {bound}, got {value!r}")

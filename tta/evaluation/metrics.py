@@ -1,4 +1,5 @@
-"""Classification metrics of the benchmark: accuracy, error, calibration (ECE) and mCE.
+"""Classification metrics of the benchmark: accuracy, error, calibration (ECE), confusion
+matrices and mCE.
 
 All accuracies and errors are fractions in [0, 1]. The expected calibration error uses
 ``NUM_BINS`` equal-width confidence bins over (0, 1] (Guo et al., 2017; 15 bins as in most
@@ -11,8 +12,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["NUM_BINS", "CalibrationCounts", "expected_calibration_error", "corruption_errors",
-           "mean_corruption_error"]
+__all__ = ["NUM_BINS", "CalibrationCounts", "ConfusionCounts", "expected_calibration_error",
+           "baseline_errors", "corruption_errors", "mean_corruption_error"]
 
 NUM_BINS = 15
 
@@ -35,8 +36,9 @@ class CalibrationCounts:
         self.correct = torch.zeros(num_groups, num_bins, dtype=torch.float64)
 
     @torch.no_grad()
-    def update(self, logits: Tensor, targets: Tensor, groups: Tensor) -> None:
-        """Adds a batch: ``logits`` (B, K), ``targets`` (B,), ``groups`` (B,) group indices."""
+    def update(self, logits: Tensor, targets: Tensor, groups: Tensor) -> Tensor:
+        """Adds a batch: ``logits`` (B, K), ``targets`` (B,), ``groups`` (B,) group indices.
+        Returns the predicted classes (B,) (argmax of the softmax), for :class:`ConfusionCounts`."""
         probs = logits.detach().double().softmax(dim=1)
         confidence, prediction = probs.max(dim=1)
         hit = (prediction == targets).double()
@@ -46,6 +48,7 @@ class CalibrationCounts:
         self.count.view(-1).index_add_(0, flat.cpu(), torch.ones_like(hit).cpu())
         self.confidence.view(-1).index_add_(0, flat.cpu(), confidence.cpu())
         self.correct.view(-1).index_add_(0, flat.cpu(), hit.cpu())
+        return prediction
 
     def num_examples(self) -> Tensor:
         return self.count.sum(dim=1)
@@ -61,6 +64,36 @@ class CalibrationCounts:
         return gap.sum(dim=1) / n
 
 
+class ConfusionCounts:
+    """Confusion matrix per group (a benchmark cell): ``counts[g, t, p]`` is the number of
+    examples of group ``g`` with true class ``t`` predicted as class ``p`` (int64).
+
+    Args:
+        num_groups: number of groups.
+        num_classes: number of classes C (the model's output width).
+    """
+
+    def __init__(self, num_groups: int, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.counts = torch.zeros(num_groups, num_classes, num_classes, dtype=torch.long)
+
+    @torch.no_grad()
+    def update(self, predictions: Tensor, targets: Tensor, groups: Tensor) -> None:
+        """Adds a batch: predicted classes (B,), true classes (B,), group indices (B,).
+
+        Raises:
+            ValueError: a label outside ``0..num_classes - 1`` (the model and the data disagree
+                on the number of classes).
+        """
+        c = self.num_classes
+        targets = targets.cpu().long()
+        if len(targets) and (targets.min() < 0 or targets.max() >= c):
+            raise ValueError(f"labels {targets.min().item()}..{targets.max().item()} do not fit "
+                             f"the model's {c} class scores (valid labels: 0..{c - 1})")
+        flat = (groups.cpu().long() * c + targets) * c + predictions.cpu().long()
+        self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+
+
 def expected_calibration_error(logits: Tensor, targets: Tensor, num_bins: int = NUM_BINS) -> float:
     """ECE of one set of predictions (see :class:`CalibrationCounts`)."""
     counts = CalibrationCounts(1, num_bins)
@@ -68,26 +101,51 @@ def expected_calibration_error(logits: Tensor, targets: Tensor, num_bins: int = 
     return float(counts.ece()[0])
 
 
+def baseline_errors(keys: Iterable[tuple[str, int]],
+                    baseline_cells: Iterable[Mapping]) -> dict[tuple[str, int], float]:
+    """The baseline's error of every ``(corruption, severity)`` in ``keys``.
+
+    Raises:
+        ValueError: naming the cells of ``keys`` that ``baseline_cells`` lack (an mCE over
+            part of the cells is not comparable, so it is refused rather than averaged).
+    """
+    base = {(c["corruption"], int(c["severity"])): float(c["error"]) for c in baseline_cells}
+    keys = list(keys)
+    missing = [f"{c}/{s}" for c, s in keys if (c, s) not in base]
+    if missing:
+        raise ValueError(f"the baseline has no error for {len(missing)} of the {len(keys)} cells "
+                         f"of this run: {', '.join(missing)}; mCE needs the baseline's error on "
+                         f"every (corruption, severity) of the run")
+    return {key: base[key] for key in keys}
+
+
 def corruption_errors(cells: Iterable[Mapping], baseline_cells: Iterable[Mapping]) -> dict[str, float]:
     """Corruption error CE_c = sum_s E_{c,s} / sum_s E^baseline_{c,s} (Hendrycks & Dietterich,
-    2019), over the severities present in both; corruptions missing from the baseline are left out.
+    2019) over the severities s of ``cells``.
 
     Both arguments are ``cells`` lists of a results.json (dicts with ``corruption``,
     ``severity`` and ``error``).
+
+    Raises:
+        ValueError: the baseline lacks a cell of ``cells`` (see :func:`baseline_errors`), or
+            its errors of a corruption are all 0 (CE undefined).
     """
-    base = {(c["corruption"], int(c["severity"])): float(c["error"]) for c in baseline_cells}
+    cells = list(cells)
+    base = baseline_errors([(c["corruption"], int(c["severity"])) for c in cells], baseline_cells)
     num: dict[str, float] = {}
     den: dict[str, float] = {}
     for cell in cells:
         key = (cell["corruption"], int(cell["severity"]))
-        if key not in base:
-            continue
         num[key[0]] = num.get(key[0], 0.0) + float(cell["error"])
         den[key[0]] = den.get(key[0], 0.0) + base[key]
-    return {name: num[name] / den[name] for name in num if den[name] > 0}
+    zero = [name for name in den if den[name] <= 0]
+    if zero:
+        raise ValueError(f"the baseline's errors of {', '.join(zero)} are 0: CE is undefined")
+    return {name: num[name] / den[name] for name in num}
 
 
 def mean_corruption_error(cells: Iterable[Mapping], baseline_cells: Iterable[Mapping]) -> float | None:
-    """mCE: the mean of :func:`corruption_errors` over corruptions (None if none are shared)."""
+    """mCE: the mean of :func:`corruption_errors` over the corruptions of ``cells`` (None if
+    there are no cells). Raises ValueError as :func:`corruption_errors`."""
     errors = corruption_errors(cells, baseline_cells)
     return sum(errors.values()) / len(errors) if errors else None

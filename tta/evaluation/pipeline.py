@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import platform
 import time
 from pathlib import Path
@@ -12,21 +13,30 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 import tta
 from tta.evaluation.methods import get_method
-from tta.evaluation.metrics import NUM_BINS, corruption_errors, mean_corruption_error
+from tta.evaluation.metrics import (NUM_BINS, baseline_errors, corruption_errors,
+                                    mean_corruption_error)
 from tta.evaluation.results import (CellCache, JsonCache, content_hash, corruption_code_hash,
-                                    finished, model_hash, read_json, write_results)
+                                    finished, locked, model_hash, read_json, write_results)
 from tta.evaluation.runner import Cell, evaluate
 from tta.evaluation.streams import get_stream
 
-__all__ = ["SEVERITIES", "run_benchmark", "load_images", "build_model", "check_cells",
-           "resolve_device", "summarize"]
+__all__ = ["SEVERITIES", "CHANCE_MARGIN", "run_benchmark", "load_images", "build_model",
+           "check_cells", "read_baseline", "chance_accuracy", "resolve_device", "summarize"]
 
 logger = logging.getLogger(__name__)
 
 SEVERITIES = (1, 2, 3, 4, 5)
+
+# a clean accuracy below chance + CHANCE_MARGIN (a fraction: 5 points) gets a warning
+CHANCE_MARGIN = 0.05
+
+# version of the cached clean/source metric records (part of their key): bump it whenever
+# their fields change, so that old records are recomputed instead of misread
+RECORD_VERSION = 2
 
 
 def resolve_device(device: str) -> str:
@@ -60,6 +70,13 @@ def load_images(dataset: str, *, split: str = "test", root: str | None = None,
                 num_examples: int | None = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
     """``num_examples`` images of a registered dataset (its builder picks them: the first ones
     for the tensor datasets) as uint8 (N, C, H, W) and their labels (N,)."""
+    return _images(_open(dataset, split=split, root=root, num_examples=num_examples, **kwargs))
+
+
+def _open(dataset: str, *, split: str, root: str | None, num_examples: int | None,
+          **kwargs: Any) -> Dataset:
+    """The registered dataset, checked to hold ``num_examples`` examples (images not loaded
+    yet for file datasets)."""
     if root is not None and not Path(root).expanduser().exists():
         raise FileNotFoundError(f"data root {root!r} of dataset {dataset!r} does not exist")
     if num_examples is not None and (isinstance(num_examples, bool)
@@ -67,14 +84,22 @@ def load_images(dataset: str, *, split: str = "test", root: str | None = None,
         raise ValueError(f"num_examples must be a positive int or null, got {num_examples!r}")
     data = tta.data.get_dataset(dataset, split=split, root=root, num_examples=num_examples,
                                 **kwargs)
-    n = len(data)
-    if num_examples is not None and n != num_examples:
+    if num_examples is not None and len(data) != num_examples:
         raise ValueError(f"num_examples={num_examples} but dataset {dataset!r} ({split}) gave "
-                         f"{n} examples")
-    images = getattr(data, "images", None)
+                         f"{len(data)} examples")
+    return data
+
+
+def _targets(data: Dataset) -> Tensor | None:
     targets = getattr(data, "targets", None)
+    return None if targets is None else torch.as_tensor(targets[:len(data)], dtype=torch.long)
+
+
+def _images(data: Dataset) -> tuple[Tensor, Tensor]:
+    n = len(data)
+    images, targets = getattr(data, "images", None), _targets(data)
     if isinstance(images, Tensor) and images.dtype == torch.uint8 and targets is not None:
-        return images[:n].contiguous(), torch.as_tensor(targets[:n], dtype=torch.long)
+        return images[:n].contiguous(), targets
     # generic map-style dataset of float [0, 1] images: stack and quantise to uint8
     pairs = [data[i] for i in range(n)]
     stacked = torch.stack([torch.as_tensor(image) for image, _ in pairs])
@@ -94,6 +119,113 @@ def build_model(name: str | None, *, pretrained: str | None = None, weights: str
             torch.manual_seed(seed)
             model = tta.models.get_model(name, weights=weights, **kwargs)
     return model.eval()
+
+
+def read_baseline(path: str | Path, dataset: str,
+                  grid: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
+    """The ``cells`` of the baseline ``results.json`` that defines mCE, checked before any work.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: naming ``path``: not readable JSON; not a results object with a non-empty
+            ``cells`` list of ``{"corruption": str, "severity": int, "error": fraction}``;
+            results on another dataset than ``dataset``; or no error for some cells of
+            ``grid`` (the (corruption, severity) pairs of this run, all named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"baseline results file {str(path)!r} does not exist")
+    try:
+        base = read_json(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"baseline {str(path)!r} is not readable JSON: {error}") from None
+    cells = base.get("cells") if isinstance(base, dict) else None
+    if not isinstance(cells, list) or not cells or not all(map(_is_error_cell, cells)):
+        raise ValueError(f"baseline {str(path)!r} is not a results.json of scripts/evaluate.py: "
+                         f"it needs a non-empty 'cells' list of objects with 'corruption' (str), "
+                         f"'severity' (int) and 'error' (a fraction)")
+    if base.get("dataset") != dataset:
+        raise ValueError(f"baseline {str(path)!r} holds results on dataset "
+                         f"{base.get('dataset')!r}, this run is on {dataset!r}: mCE compares "
+                         f"errors on the same data")
+    try:
+        baseline_errors(grid, cells)
+    except ValueError as error:
+        raise ValueError(f"baseline {str(path)!r}: {error}") from None
+    return cells
+
+
+def _is_error_cell(cell: Any) -> bool:
+    return (isinstance(cell, dict) and isinstance(cell.get("corruption"), str)
+            and type(cell.get("severity")) is int and type(cell.get("error")) in (int, float)
+            and 0 <= cell["error"] <= 1)
+
+
+def chance_accuracy(targets: Tensor) -> float:
+    """Accuracy of always predicting the most frequent label of ``targets`` (N,): the chance
+    level of the evaluated labels (1 / num_classes when the classes are balanced)."""
+    return torch.bincount(targets).max().item() / len(targets)
+
+
+@torch.no_grad()
+def _check_num_classes(net: nn.Module, probe: Tensor, classes: Sequence[str] | None,
+                       targets: Tensor, dataset: str, model_name: str | None) -> int:
+    """The model's output width, from one forward pass on ``probe`` (1, C, H, W) in [0, 1];
+    a ValueError unless it equals the dataset's number of classes (or, for a dataset without
+    class names, exceeds its largest label)."""
+    output = net(probe)
+    if not isinstance(output, Tensor) or output.dim() != 2:
+        raise ValueError(f"model {model_name!r} must return logits of shape (N, num_classes), "
+                         f"got {getattr(output, 'shape', type(output))}")
+    width = output.shape[1]
+    expected = len(classes) if classes else int(targets.max()) + 1
+    if width != expected if classes else width < expected:
+        raise ValueError(f"model {model_name!r} outputs {width} class scores but dataset "
+                         f"{dataset!r} has {expected} classes: set model.num_classes={expected} "
+                         f"(and weights trained for those {expected} classes)")
+    return width
+
+
+def _trained_on(net: nn.Module, pretrained: str | None) -> str | None:
+    """The dataset the model records it was trained on (None when it records none)."""
+    model_info = getattr(tta.models, "model_info", None)
+    info = model_info(net) if model_info is not None else None
+    if info is None and pretrained is not None:
+        info = tta.models.pretrained_info(pretrained)
+    return None if info is None else info.get("dataset")
+
+
+def _resolved_root(data: Dataset, root: str | None) -> str | None:
+    root = getattr(data, "root", None) or root
+    return None if root is None else str(Path(root).expanduser().resolve())
+
+
+def _fingerprint(data: Dataset) -> str:
+    """``tta.data.fingerprint`` of the dataset (cheap; files' content or size and mtime), else
+    the content of its images and labels."""
+    fingerprint = getattr(tta.data, "fingerprint", None)
+    if fingerprint is not None:
+        try:
+            return fingerprint(data)
+        except TypeError:
+            pass
+    return content_hash(*_images(data))
+
+
+def _valid_record(record: Any, n: int, num_classes: int) -> bool:
+    """Whether a cached clean/source record is whole: ``n`` examples, a (num_classes,
+    num_classes) confusion matrix of counts summing to ``n``, accuracy and error that agree
+    with it, an ECE in [0, 1]."""
+    try:
+        confusion = np.asarray(record["confusion"])
+        accuracy = np.trace(confusion) / n
+        return bool(confusion.dtype.kind == "i" and confusion.shape == (num_classes, num_classes)
+                    and confusion.min() >= 0 and confusion.sum() == n == record["num_examples"]
+                    and math.isclose(record["accuracy"], accuracy, abs_tol=1e-9)
+                    and math.isclose(record["error"], 1 - accuracy, abs_tol=1e-9)
+                    and 0 <= record["ece"] <= 1)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return False
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -129,6 +261,7 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+@locked
 def run_benchmark(
     output_dir: str | Path,
     *,
@@ -149,6 +282,7 @@ def run_benchmark(
     dataset_kwargs: Mapping[str, Any] | None = None,
     precorrupted: bool = False,
     clean_dataset: str | None = None,
+    clean_dataset_root: str | None = None,
     pretrained: str | None = None,
     weights: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
@@ -164,7 +298,8 @@ def run_benchmark(
 
     The clean test images (the first ``num_examples``) are corrupted by :func:`tta.corrupt`
     per (corruption, severity) with ``seed`` (or, with ``precorrupted``, read from the
-    corrupted dataset ``dataset`` while ``clean_dataset`` gives the clean images). Corrupted
+    corrupted dataset ``dataset`` while ``clean_dataset`` (under ``clean_dataset_root``, None: its
+    default root) gives the clean images). Corrupted
     cells and the source model's metrics are cached under ``cache_dir`` by content hash.
     If ``output_dir`` already holds results of the same ``config`` the job is skipped (unless
     ``force``) and those results are returned.
@@ -178,6 +313,7 @@ def run_benchmark(
     # validate everything cheap before any data is touched
     check_cells(corruptions, severities)
     corruptions, severities = list(corruptions), [int(s) for s in severities]
+    grid = [(c, s) for s in severities for c in corruptions]
     method_params = get_method(method).params(method_params)
     stream_params = get_stream(stream).params(stream_params)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -185,59 +321,88 @@ def run_benchmark(
     if preset is not None and preset not in tta.PRESETS:
         raise ValueError(f"unknown corruption preset {preset!r}; valid presets are: "
                          f"{', '.join(tta.PRESETS)} (or null for the dataset's default)")
-    if baseline is not None and not Path(baseline).exists():
-        raise FileNotFoundError(f"baseline results file {str(baseline)!r} does not exist")
-    if not force and config is not None and finished(output_dir, config):
-        logger.info("skipping: %s already holds these results (force=true to redo)", output_dir)
-        return read_json(output_dir / "results.json")
+    baseline_cells = None if baseline is None else read_baseline(baseline, dataset, grid)
     device = resolve_device(device)
     if num_threads:
         torch.set_num_threads(int(num_threads))
 
-    # data and model
+    # data: the clean images (when there are any) and, for a precorrupted set, every cell's
+    # dataset, opened and fingerprinted but not read yet
     dataset_kwargs = dict(dataset_kwargs or {})
     clean_name = clean_dataset if precorrupted else dataset
-    clean_images = targets = None
+    clean_images = targets = classes = clean_key = None
     if clean_name is not None:
-        clean_images, targets = load_images(clean_name, split=dataset_split,
-                                            root=None if precorrupted else dataset_root,
-                                            num_examples=num_examples,
-                                            **({} if precorrupted else dataset_kwargs))
+        clean_data = _open(clean_name, split=dataset_split,
+                           root=clean_dataset_root if precorrupted else dataset_root, num_examples=num_examples,
+                           **({} if precorrupted else dataset_kwargs))
+        clean_images, targets = _images(clean_data)
+        classes = getattr(clean_data, "classes", None)
+        clean_key = content_hash("clean images", clean_images, targets)
+    code_key = None if precorrupted else corruption_code_hash()
+    opened: dict[tuple[str, int], Dataset] = {}
+    cell_keys: dict[tuple[str, int], str] = {}
+    for c, s in grid:
+        if not precorrupted:
+            cell_keys[c, s] = content_hash("cell", clean_key, c, s, seed, preset, code_key)
+            continue
+        data = opened[c, s] = _open(dataset, split=dataset_split, root=dataset_root,
+                                    num_examples=num_examples, corruption=c, severity=s,
+                                    **dataset_kwargs)
+        labels = _targets(data)
+        labels = _images(data)[1] if labels is None else labels
+        if targets is None:
+            targets, classes = labels, getattr(data, "classes", None)
+        elif not torch.equal(labels, targets):
+            raise ValueError(f"labels of {dataset} {c}/{s} differ from those of "
+                             f"{clean_name or f'{dataset} {grid[0][0]}/{grid[0][1]}'}")
+        cell_keys[c, s] = content_hash("precorrupted cell", _resolved_root(data, dataset_root),
+                                       _fingerprint(data))
+    if precorrupted:
+        first = opened[grid[0]][0][0]  # (C, H, W) float: the shape without reading a cell
+        cell_shape, probe = (len(targets), *first.shape), first.unsqueeze(0)
+        data_key = content_hash("precorrupted", clean_key, [cell_keys[k] for k in grid])
+    else:
+        cell_shape, probe = tuple(clean_images.shape), clean_images[:1].float() / 255
+        data_key = clean_key
+
+    # model: its output width must be the number of classes; then skip if already done
     net = build_model(model, pretrained=pretrained, weights=weights, seed=seed,
                       **dict(model_kwargs or {}))
-    model_key = model_hash(net)
+    model_name = pretrained or model
+    num_classes = _check_num_classes(net, probe, classes, targets, dataset, model_name)
+    fingerprints = {"model": model_hash(net), "data": data_key, "corruption_code": code_key,
+                    "baseline": None if baseline_cells is None else content_hash(
+                        sorted(baseline_errors(grid, baseline_cells).items()))}
+    if not force and config is not None and finished(output_dir, config, fingerprints):
+        logger.info("skipping: %s already holds these results (force=true to redo)", output_dir)
+        stored = read_json(output_dir / "results.json")
+        for message in stored.get("warnings") or []:
+            logger.warning(message)
+        return stored
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        logger.warning(message)
+        warnings.append(message)
+
+    trained_on = _trained_on(net, pretrained)
+    evaluated = clean_name or dataset.removesuffix("_c")
+    if trained_on is not None and trained_on != evaluated:
+        warn(f"model {model_name!r} was trained on {trained_on!r} but is evaluated on "
+             f"{dataset!r}: its accuracies, and what adaptation recovers, do not measure "
+             f"robustness to a shift of its own data")
+
     cell_cache = CellCache(cache_dir)
     source_cache = JsonCache(cache_dir, "source")
 
-    if precorrupted:
-        first = load_images(dataset, split=dataset_split, root=dataset_root,
-                            num_examples=num_examples, corruption=corruptions[0],
-                            severity=severities[0], **dataset_kwargs)
-        if targets is None:
-            targets = first[1]
-        data_key = content_hash("precorrupted", dataset, dataset_kwargs, targets)
-    else:
-        data_key = content_hash(clean_name, clean_images, targets)
-    code_key = corruption_code_hash()
-
-    def cell_key(corruption: str, severity: int) -> str:
-        if precorrupted:
-            return content_hash("cell", data_key, corruption, severity)
-        return content_hash("cell", data_key, corruption, severity, seed, preset, code_key)
-
     def loader(corruption: str, severity: int):
-        key = cell_key(corruption, severity)
+        key = cell_keys[corruption, severity]
 
         def load() -> Tensor:
-            images = cell_cache.get(key)
+            images = cell_cache.get(key, shape=cell_shape)
             if images is None:
                 if precorrupted:
-                    images, labels = load_images(dataset, split=dataset_split, root=dataset_root,
-                                                 num_examples=num_examples, corruption=corruption,
-                                                 severity=severity, **dataset_kwargs)
-                    if not torch.equal(labels, targets):
-                        raise ValueError(f"labels of {dataset} {corruption}/{severity} differ "
-                                         f"from those of the clean data")
+                    images = _images(opened[corruption, severity])[0]
                 else:
                     images = tta.corrupt(clean_images, corruption, severity, preset=preset,
                                          seed=seed)
@@ -246,30 +411,46 @@ def run_benchmark(
 
         return load
 
-    grid = [(c, s) for s in severities for c in corruptions]
     cells = [Cell(c, s, loader(c, s)) for c, s in grid]
 
     # source model: clean and per-cell metrics, cached by (model, data, cell) content
+    n = len(targets)
+    evaluation = ("source", RECORD_VERSION, NUM_BINS, torch.device(device).type)
+
+    def valid(record: Any) -> bool:
+        return _valid_record(record, n, num_classes)
+
     clean = None
     if clean_images is not None:
-        clean_key = content_hash("clean", model_key, data_key, NUM_BINS)
-        clean = source_cache.get(clean_key)
+        clean_record_key = content_hash(*evaluation, fingerprints["model"], clean_key)
+        clean = source_cache.get(clean_record_key, check=valid)
         if clean is None:
             clean = evaluate(copy.deepcopy(net), [Cell("clean", 0, clean_images)], targets,
-                             batch_size=batch_size, device=device)["cells"][0]
-            source_cache.put(clean_key, clean)
-    source_keys = [content_hash("source", model_key, cell_key(c, s), NUM_BINS) for c, s in grid]
-    source = [source_cache.get(k) for k in source_keys]
+                             batch_size=batch_size, device=device,
+                             num_classes=num_classes)["cells"][0]
+            source_cache.put(clean_record_key, clean)
+    source_keys = [content_hash(*evaluation, fingerprints["model"], cell_keys[k]) for k in grid]
+    source = [source_cache.get(k, check=valid) for k in source_keys]
     missing = [i for i, record in enumerate(source) if record is None]
     source_seconds = None
     if missing:
         logger.info("source model on %d cell(s)", len(missing))
         run = evaluate(copy.deepcopy(net), [cells[i] for i in missing], targets,
-                       batch_size=batch_size, device=device, progress=progress)
+                       batch_size=batch_size, device=device, num_classes=num_classes,
+                       progress=progress)
         source_seconds = run["seconds"]
         for i, record in zip(missing, run["cells"]):
             source[i] = record
             source_cache.put(source_keys[i], record)
+    clean_accuracy = None if clean is None else clean["accuracy"]
+    chance = chance_accuracy(targets)
+    reference = clean_accuracy if clean is not None else _mean([r["accuracy"] for r in source])
+    if reference < chance + CHANCE_MARGIN:
+        what = "clean accuracy" if clean is not None else "mean source accuracy (no clean data)"
+        warn(f"{what} {100 * reference:.1f}% is within {100 * CHANCE_MARGIN:.0f} points of "
+             f"chance ({100 * chance:.1f}%, always predicting the most frequent of the {n} "
+             f"labels): model {model_name!r} does not solve {dataset!r}, so the accuracy "
+             f"recovered and gap_closed mean nothing")
 
     # the adapted model
     if method == "source":  # images_per_second is null when every cell came from the cache
@@ -278,9 +459,9 @@ def run_benchmark(
     else:
         run = evaluate(copy.deepcopy(net), cells, targets, method=method,
                        method_params=method_params, stream=stream, stream_params=stream_params,
-                       batch_size=batch_size, device=device, seed=seed, progress=progress)
+                       batch_size=batch_size, device=device, seed=seed, num_classes=num_classes,
+                       progress=progress)
         adapted, seconds = run["cells"], run["seconds"]
-    clean_accuracy = None if clean is None else clean["accuracy"]
 
     rows = []
     for (c, s), src, ada in zip(grid, source, adapted):
@@ -292,16 +473,20 @@ def run_benchmark(
             "gap_closed": _gap_closed(recovered, clean_accuracy, src["accuracy"]),
             "source_error": src["error"], "error": ada["error"],
             "source_ece": src["ece"], "ece": ada["ece"],
+            "source_confusion": src["confusion"], "confusion": ada["confusion"],
         })
     results: dict[str, Any] = {
         "status": "ok",
+        "warnings": warnings,
         "method": method, "params": method_params,
         "stream": stream, "stream_params": stream_params,
-        "batch_size": batch_size, "num_examples": len(targets),
-        "dataset": dataset, "model": pretrained or model, "seed": seed, "device": device,
+        "batch_size": batch_size, "num_examples": n,
+        "dataset": dataset, "model": model_name, "seed": seed, "device": device,
+        "num_classes": num_classes, "classes": None if classes is None else list(classes),
         "clean_accuracy": clean_accuracy,
         "clean_error": None if clean is None else clean["error"],
         "clean_ece": None if clean is None else clean["ece"],
+        "clean_confusion": None if clean is None else clean["confusion"],
         "num_bins": NUM_BINS,
         "cells": rows,
         "mean": summarize(rows, clean_accuracy),
@@ -310,16 +495,16 @@ def run_benchmark(
         "per_corruption": {c: summarize([r for r in rows if r["corruption"] == c], clean_accuracy)
                            for c in corruptions},
     }
-    if baseline is not None:
-        base = read_json(baseline)
-        errors = corruption_errors(rows, base["cells"])
-        for c, ce in errors.items():
+    if baseline_cells is not None:
+        for c, ce in corruption_errors(rows, baseline_cells).items():
             results["per_corruption"][c]["ce"] = ce
-        results["mean"]["mce"] = mean_corruption_error(rows, base["cells"])
+        results["mean"]["mce"] = mean_corruption_error(rows, baseline_cells)
         results["baseline"] = str(baseline)
+        results["mce_cells"] = [[c, s] for c, s in grid]
+    results["fingerprints"] = fingerprints
     results["config"] = config
     results["versions"] = _versions()
-    num_images = len(grid) * len(targets)
+    num_images = len(grid) * n
     results["images_per_second"] = num_images / seconds if seconds else None
     results["seconds"] = time.perf_counter() - started
     write_results(output_dir, results)

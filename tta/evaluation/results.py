@@ -1,30 +1,39 @@
 """Results files and caches: atomic writes, skip-if-done, recorded errors, content-keyed caches.
 
-A job directory holds ``results.json`` + ``results.csv`` when the job succeeded, or
-``error.json`` when it failed. The caches (corrupted cells as ``.npy``, source-model metrics as
-``.json``) live under a cache directory and are keyed by the sha256 of their inputs' content,
-so they are shared safely between jobs, processes and sweeps.
+A job directory holds its latest outcome: ``results.json`` + ``results.csv`` when the job
+succeeded, or ``error.json`` when it failed; earlier outcomes are moved to ``superseded/``.
+One run at a time owns the directory (:func:`run_lock`). The caches (corrupted cells as
+``.npy``, source-model metrics as ``.json``) live under a cache directory and are keyed by the
+sha256 of their inputs' content, so they are shared safely between jobs, processes and sweeps.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import hashlib
+import inspect
 import io
 import json
 import logging
 import os
 import traceback
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping, MutableMapping, TypeVar
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch import Tensor, nn
 
 from tta._atomic import atomic_file
 
-__all__ = ["RESULTS_JSON", "RESULTS_CSV", "ERROR_JSON", "atomic_write_bytes", "write_json",
-           "read_json", "write_results", "write_error", "finished", "content_hash",
+__all__ = ["RESULTS_JSON", "RESULTS_CSV", "ERROR_JSON", "SUPERSEDED", "LOCK_FILE",
+           "OutputDirLocked", "atomic_write_bytes", "write_json", "read_json", "run_lock",
+           "locked", "supersede", "write_results", "write_error", "sync_results_csv",
+           "finished", "content_hash",
            "model_hash", "tensor_hash", "corruption_code_hash", "CellCache", "JsonCache"]
 
 logger = logging.getLogger(__name__)
@@ -32,6 +41,8 @@ logger = logging.getLogger(__name__)
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 ERROR_JSON = "error.json"
+SUPERSEDED = "superseded"  # earlier outcomes, as superseded/<UTC time>.<file name>
+LOCK_FILE = ".tta.lock"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -51,8 +62,52 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-# run-level columns repeated on every row of results.csv
-_CSV_RUN_COLUMNS = ("method", "stream", "batch_size", "dataset", "model",
+class OutputDirLocked(RuntimeError):
+    """Another run holds the output directory (see :func:`run_lock`)."""
+
+
+def utc_now() -> str:
+    """The current UTC time in ISO 8601 with microseconds (``2026-11-30T21:15:10.123456+00:00``)."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | os.PathLike) -> Iterator[None]:
+    """Holds the lock file ``directory/.tta.lock`` (a :class:`filelock.FileLock`; the directory
+    is created), so that one run at a time owns the directory. Re-entrant within a thread.
+
+    Raises:
+        OutputDirLocked: at once, without waiting, when another process or thread holds it.
+    """
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(directory / LOCK_FILE, timeout=0, is_singleton=True)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputDirLocked(f"output directory {directory} is in use by another run (it holds "
+                              f"{directory / LOCK_FILE}); wait for that run to finish or choose "
+                              "another directory (hydra.run.dir / hydra.sweep.dir)") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def locked(function: _F) -> _F:
+    """Decorator: ``function(output_dir, ...)`` runs holding :func:`run_lock` of ``output_dir``."""
+    @functools.wraps(function)
+    def wrapper(output_dir: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        with run_lock(output_dir):
+            return function(output_dir, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
+# run-level columns repeated on every row of results.csv (run_id pairs it with results.json)
+_CSV_RUN_COLUMNS = ("run_id", "method", "stream", "batch_size", "dataset", "model",
                     "params", "clean_accuracy")
 
 
@@ -60,7 +115,8 @@ def results_csv(results: Mapping[str, Any]) -> str:
     """One row per cell; run-level columns first (``params`` is the method's params as JSON)."""
     cell_columns: list[str] = []
     for cell in results["cells"]:
-        cell_columns += [k for k in cell if k not in cell_columns]
+        cell_columns += [k for k in cell if k not in cell_columns
+                         and not isinstance(cell[k], (list, dict))]  # confusion: JSON only
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*_CSV_RUN_COLUMNS, *cell_columns])
@@ -71,28 +127,103 @@ def results_csv(results: Mapping[str, Any]) -> str:
     return out.getvalue()
 
 
-def write_results(directory: str | os.PathLike, results: Mapping[str, Any]) -> None:
-    """Writes ``results.json`` and ``results.csv`` atomically (CSV first, so a present
-    results.json means the job is complete) and removes a stale ``error.json``."""
+def supersede(directory: str | os.PathLike) -> list[Path]:
+    """Moves the directory's outcome files (results.json first, results.csv, error.json) to
+    ``superseded/<UTC time>.<name>``: the directory then shows no outcome and nothing is lost.
+
+    Returns:
+        the moved files' new paths.
+    """
     directory = Path(directory)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    moved = []
+    for name in (RESULTS_JSON, RESULTS_CSV, ERROR_JSON):
+        path = directory / name
+        if path.exists():
+            target = directory / SUPERSEDED / f"{stamp}.{name}"
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
+
+
+def write_results(directory: str | os.PathLike, results: MutableMapping[str, Any]) -> None:
+    """Makes ``results`` the directory's outcome: adds a new ``run_id`` (uuid4 hex) and
+    ``finished_at`` (:func:`utc_now`) to it, moves the previous outcome to ``superseded/``,
+    then writes ``results.csv`` and ``results.json`` atomically, in this order. Both carry the
+    ``run_id``; a kill between the two writes leaves a results.csv without results.json, which
+    :func:`sync_results_csv` sets aside. Call it holding :func:`run_lock`."""
+    directory = Path(directory)
+    results["run_id"] = uuid.uuid4().hex
+    results["finished_at"] = utc_now()
+    supersede(directory)
     atomic_write_bytes(directory / RESULTS_CSV, results_csv(results).encode())
     write_json(directory / RESULTS_JSON, results)
-    (directory / ERROR_JSON).unlink(missing_ok=True)
 
 
 def write_error(directory: str | os.PathLike, error: BaseException, config: Any = None) -> None:
-    """Records a failed job in ``error.json`` (type, message, traceback, config)."""
+    """Records a failed job: moves the previous outcome to ``superseded/`` and writes
+    ``error.json`` (status, error_type, error, traceback, config, finished_at)."""
+    supersede(directory)
     write_json(Path(directory) / ERROR_JSON, {
         "status": "error",
         "error_type": type(error).__name__,
         "error": str(error),
         "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
         "config": config,
+        "finished_at": utc_now(),
     })
 
 
-def finished(directory: str | os.PathLike, config: Mapping[str, Any]) -> bool:
-    """Whether ``directory`` already holds results of ``config`` (the job can be skipped).
+def _csv_run_id(path: Path) -> str | None:
+    try:
+        with open(path, newline="") as f:
+            return next(csv.DictReader(f), {}).get("run_id")
+    except (OSError, ValueError, csv.Error):
+        return None
+
+
+def sync_results_csv(directory: str | os.PathLike) -> None:
+    """Makes ``results.csv`` agree with ``results.json``, the authoritative file: rewrites it
+    from results.json when its ``run_id`` differs (or it is missing), and moves a results.csv
+    without results.json (a run killed between the two writes) to ``superseded/``. Call it
+    holding :func:`run_lock`."""
+    directory = Path(directory)
+    csv_path, json_path = directory / RESULTS_CSV, directory / RESULTS_JSON
+    if not json_path.exists():
+        if csv_path.exists():
+            supersede(directory)
+        return
+    try:
+        results = read_json(json_path)
+    except (OSError, ValueError):
+        return  # unreadable: the job is redone, which rewrites both
+    if not isinstance(results, dict) or not isinstance(results.get("cells"), list):
+        return
+    if results.get("run_id") is None or _csv_run_id(csv_path) != results["run_id"]:
+        logger.warning("%s does not belong to %s: rewriting it from results.json", csv_path,
+                       json_path)
+        atomic_write_bytes(csv_path, results_csv(results).encode())
+
+
+def finished(directory: str | os.PathLike, config: Mapping[str, Any],
+             fingerprints: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``directory`` already holds results of ``config`` computed from the same inputs
+    (the job can be skipped).
+
+    Args:
+        directory: the job's output directory.
+        config: the protocol config (``results.json``'s ``config``).
+        fingerprints: content hashes of the inputs (``results.json``'s ``fingerprints``:
+            model, data, corruption code, baseline); ``None`` compares the config only.
+
+    Returns:
+        True only for a readable ``results.json`` holding a JSON object with the same
+        ``config`` and ``fingerprints``. A missing file is False; an unreadable one, or one
+        that is not a results object (``[]``, ``null``, ``42``), is False with a warning naming
+        it (the job is redone); the same config with other fingerprints (an input changed at
+        the same path: an overwritten weights file, a changed data folder) is False with a
+        warning naming what changed, since those results are stale.
 
     Raises:
         ValueError: if it holds results of a *different* config (rather than silently skipping
@@ -102,13 +233,25 @@ def finished(directory: str | os.PathLike, config: Mapping[str, Any]) -> bool:
     if not path.exists():
         return False
     try:
-        stored = read_json(path).get("config")
-    except (OSError, ValueError):
-        return False  # unreadable: redo
-    if stored != config:
+        stored = read_json(path)
+    except (OSError, ValueError) as error:
+        logger.warning("%s is unreadable (%s): redoing the job", path, error)
+        return False
+    if not isinstance(stored, dict) or "config" not in stored:
+        logger.warning("%s is not a results object (it holds %.60r): redoing the job", path, stored)
+        return False
+    if stored["config"] != config:
         raise ValueError(f"{path} holds results of a different config; pass force=true to "
                          "overwrite them or choose another output directory (hydra.run.dir / "
                          "hydra.sweep.dir)")
+    old = stored.get("fingerprints")
+    old = old if isinstance(old, dict) else {}
+    changed = [k for k in (fingerprints or {}) if old.get(k) != fingerprints[k]]
+    if changed:
+        logger.warning("%s was computed from other inputs (changed since: %s): its results are "
+                       "stale, recomputing them", path,
+                       "; ".join(f"{k} {old.get(k)} -> {fingerprints[k]}" for k in changed))
+        return False
     return True
 
 
@@ -131,19 +274,42 @@ def content_hash(*parts: Any) -> str:
 def tensor_hash(tensor: Tensor) -> str:
     t = tensor.detach().cpu().contiguous()
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")  # no copy
     return h.hexdigest()
 
 
 def model_hash(model: nn.Module) -> str:
-    """Content hash of a model's architecture (class and module names) and state_dict."""
-    h = hashlib.sha256(type(model).__qualname__.encode())
-    for name, module in model.named_modules():
-        h.update(f"{name}:{type(module).__qualname__};".encode())
-    for name, value in model.state_dict().items():
+    """Content hash of everything that fixes a model's outputs: ``repr(model)`` (the module
+    tree with every module's constructor arguments, i.e. its ``extra_repr``: shapes, strides,
+    eps, the input normalisation's mean and std), the class of every module with, for classes
+    defined outside torch, its source code, and every parameter and buffer by name and
+    content, non-persistent buffers included (InputNormalization keeps mean and std out of the
+    state_dict)."""
+    h = hashlib.sha256(repr(model).encode())
+    for cls in sorted({type(m) for m in model.modules()}, key=_class_name):
+        h.update(f"{_class_name(cls)}:{_source_hash(cls)};".encode())
+    tensors = [*model.named_parameters(remove_duplicate=False),
+               *model.named_buffers(remove_duplicate=False)]
+    for name, value in tensors:
         h.update(name.encode())
         h.update(tensor_hash(value).encode())
     return h.hexdigest()
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@functools.lru_cache(maxsize=None)
+def _source_hash(cls: type) -> str:
+    """sha256 of a module class's source ("" for torch's own classes, fixed by the torch
+    version, and for classes whose source is unavailable)."""
+    if cls.__module__.split(".")[0] == "torch":
+        return ""
+    try:
+        return hashlib.sha256(inspect.getsource(cls).encode()).hexdigest()
+    except (OSError, TypeError):
+        return ""
 
 
 def corruption_code_hash() -> str:
@@ -172,23 +338,30 @@ class CellCache:
         self.directory = None if directory is None else Path(directory) / "cells"
         self.memory = memory
 
-    def get(self, key: str) -> Tensor | None:
-        if key in self._memory:
-            images = self._memory[key]
-            if self.directory is not None and not (self.directory / f"{key}.npy").exists():
-                self.put(key, images)  # another cache directory than the one it came from
-            return images
-        if self.directory is not None:
-            path = self.directory / f"{key}.npy"
-            if path.exists():
-                try:
-                    images = torch.from_numpy(np.load(path, allow_pickle=False))
-                except (OSError, ValueError) as error:
-                    logger.warning("ignoring unreadable cache file %s: %s", path, error)
-                    return None
-                self._remember(key, images)
-                return images
-        return None
+    def get(self, key: str, shape: tuple[int, ...] | None = None) -> Tensor | None:
+        """The cached uint8 images of ``key``, or None when there are none. An unreadable file,
+        or one that is not uint8 or (given ``shape``) not of that shape, is ignored with a
+        warning naming it, so that the caller recomputes (and overwrites) the cell."""
+        path = None if self.directory is None else self.directory / f"{key}.npy"
+        images = self._memory.get(key)
+        if images is None and path is not None and path.exists():
+            try:
+                images = torch.from_numpy(np.load(path, allow_pickle=False))
+            except (OSError, ValueError, EOFError, TypeError) as error:
+                logger.warning("ignoring unreadable cache file %s: %s", path, error)
+                return None
+        if images is None:
+            return None
+        if images.dtype != torch.uint8 or (shape is not None
+                                           and tuple(images.shape) != tuple(shape)):
+            logger.warning("ignoring cache file %s: it holds %s %s, expected torch.uint8 %s",
+                           path or key, images.dtype, tuple(images.shape), shape)
+            type(self)._memory.pop(key, None)
+            return None
+        self._remember(key, images)
+        if path is not None and not path.exists():
+            self.put(key, images)  # another cache directory than the one it came from
+        return images
 
     def put(self, key: str, images: Tensor) -> None:
         self._remember(key, images)
@@ -211,14 +384,24 @@ class JsonCache:
     def __init__(self, directory: str | os.PathLike | None, name: str) -> None:
         self.directory = None if directory is None else Path(directory) / name
 
-    def get(self, key: str) -> Any:
+    def get(self, key: str, check: Callable[[Any], bool] | None = None) -> Any:
+        """The record of ``key``, or None when there is none. An unreadable file, or (given
+        ``check``) a record that ``check`` rejects, is ignored with a warning naming it, so
+        that the caller recomputes (and overwrites) it."""
         if self.directory is None:
             return None
         path = self.directory / f"{key}.json"
-        try:
-            return read_json(path) if path.exists() else None
-        except (OSError, ValueError):
+        if not path.exists():
             return None
+        try:
+            record = read_json(path)
+        except (OSError, ValueError) as error:
+            logger.warning("ignoring unreadable cache file %s: %s", path, error)
+            return None
+        if check is not None and not check(record):
+            logger.warning("ignoring cache file %s: not a valid record (%.80r)", path, record)
+            return None
+        return record
 
     def put(self, key: str, value: Any) -> None:
         if self.directory is not None:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tta.evaluation.methods import get_method
-from tta.evaluation.metrics import NUM_BINS, CalibrationCounts
+from tta.evaluation.metrics import NUM_BINS, CalibrationCounts, ConfusionCounts
 from tta.evaluation.streams import get_stream
 
 __all__ = ["Cell", "evaluate"]
@@ -77,6 +77,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     seed: int = 0,
     num_bins: int = NUM_BINS,
+    num_classes: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     r"""Evaluates ``model`` adapted by ``method`` on the ``cells`` in the order of ``stream``.
@@ -97,11 +98,16 @@ def evaluate(
         device: where the model runs.
         seed: seeds the stream order (mixed, dirichlet).
         num_bins: confidence bins of the ECE.
+        num_classes: the number of classes C; None: the model's output width.
         progress: show a tqdm progress bar.
 
     Returns:
-        ``{"cells": [{"corruption", "severity", "num_examples", "accuracy", "error", "ece"}],
-        "num_images": int, "seconds": float}`` with accuracies as fractions.
+        ``{"cells": [{"corruption", "severity", "num_examples", "accuracy", "error", "ece",
+        "confusion"}], "num_images": int, "seconds": float}`` with accuracies as fractions and
+        ``confusion`` a C x C list of ints (row: true class, column: predicted class).
+
+    Raises:
+        ValueError: the model's output width is not ``num_classes``, or a label does not fit it.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -117,6 +123,7 @@ def evaluate(
     model.eval()
     snapshot = adapt.snapshot(model)
     counts = CalibrationCounts(len(cells), num_bins)
+    confusion = None  # sized by the first logits
     keys = [(cell.corruption, int(cell.severity)) for cell in cells]
     total = len(cells) * len(targets)
     bar = tqdm(total=total, desc=f"{method}/{stream}", unit="img", disable=not progress,
@@ -143,7 +150,11 @@ def evaluate(
         for begin in range(0, len(order), batch_size):
             part = order[begin:begin + batch_size]
             logits = model(_to_float(stacked[part[:, 0], part[:, 1]], device))
-            counts.update(logits, targets[part[:, 1]].to(logits.device), cell_index[part[:, 0]])
+            if confusion is None:
+                confusion = _confusion(len(cells), num_classes, logits.shape[-1])
+            labels, groups = targets[part[:, 1]], cell_index[part[:, 0]]
+            predictions = counts.update(logits, labels.to(logits.device), groups)
+            confusion.update(predictions, labels, groups)
             bar.update(len(part))
         del loaded, stacked
     seconds = time.perf_counter() - start
@@ -151,9 +162,18 @@ def evaluate(
     accuracy = counts.accuracy()
     ece = counts.ece()
     n = counts.num_examples()
+    if confusion is None:  # no images
+        confusion = _confusion(len(cells), num_classes, num_classes or 0)
     results = [
         {"corruption": c, "severity": s, "num_examples": int(n[i]),
-         "accuracy": float(accuracy[i]), "error": 1.0 - float(accuracy[i]), "ece": float(ece[i])}
+         "accuracy": float(accuracy[i]), "error": 1.0 - float(accuracy[i]), "ece": float(ece[i]),
+         "confusion": confusion.counts[i].tolist()}
         for i, (c, s) in enumerate(keys)
     ]
     return {"cells": results, "num_images": total, "seconds": seconds}
+
+
+def _confusion(num_groups: int, num_classes: int | None, width: int) -> ConfusionCounts:
+    if num_classes is not None and width != num_classes:
+        raise ValueError(f"the model outputs {width} class scores but num_classes={num_classes}")
+    return ConfusionCounts(num_groups, width)

@@ -7,6 +7,7 @@ its prepared state before a segment whose ``reset`` is true.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tta.evaluation._registry import Registry
+from tta._registry import Registry
 
 __all__ = ["Segment", "Stream", "register_stream", "get_stream", "list_streams", "dirichlet_order"]
 
@@ -52,6 +53,9 @@ class Stream:
             raise ValueError(f"unknown parameter(s) {unknown} for stream {self.name!r}; "
                              f"valid parameters are: {', '.join(self.defaults) or 'none'}")
         full = {**self.defaults, **params}
+        for name, default in self.defaults.items():
+            if isinstance(default, float):
+                check_real(f"stream.{name}", full[name])
         self.check(full)
         return full
 
@@ -128,10 +132,20 @@ def dirichlet_order(targets: Tensor | np.ndarray, delta: float, rng: np.random.G
     return np.concatenate(order)
 
 
+def check_real(name: str, value: Any) -> float:
+    """``value`` as a finite float: TypeError unless it is a real number (bool is not),
+    ValueError for nan and +-inf; both messages name ``name`` and ``value``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _check_dirichlet(params: dict) -> None:
-    delta = params["delta"]
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or delta <= 0:
-        raise ValueError(f"stream.delta must be a number > 0, got {delta!r}")
+    delta = check_real("stream.delta", params["delta"])
+    if delta <= 0:
+        raise ValueError(f"stream.delta must be a finite number > 0 (default 0.1), got {delta!r}")
 
 
 def _dirichlet_segments(cells: Sequence[tuple[str, int]], targets: Tensor, seed: int,
