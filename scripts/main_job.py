@@ -8,7 +8,7 @@ Two Hydra multiruns of scripts/evaluate.py, then scripts/report.py:
 1. prepare: adapt=source over the four corruption groups (noise, blur, weather, digital) as
    parallel jobs; they corrupt every cell once and compute the source model's accuracies,
    both cached on disk (cache_dir) for the next step;
-2. the methods adapt=recalibrate,batch,blend,ema,source on all 15 corruptions x 5 severities,
+2. the methods adapt=tent,recalibrate,batch,blend,ema,source on all 15 corruptions x 5 severities,
    as parallel jobs that read the cached cells;
 3. the report: prints the recovered-accuracy table and where the plots are.
 Jobs run on the joblib launcher (--jobs processes of --threads torch threads each; on a
@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
-# recalibrate first: it passes over every cell twice, so it is the longest job
-METHODS = "recalibrate,batch,blend,ema,source"
+# the longest jobs first (tent: a backward pass per batch; recalibrate: two passes per cell), so
+# that the parallel jobs finish together
+METHODS = "tent,recalibrate,batch,blend,ema,source"
 
 
 def main(argv: list[str] | None = None) -> int:

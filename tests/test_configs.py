@@ -11,7 +11,9 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 import tta
-from tta.evaluation import get_method, get_stream, list_methods, list_streams
+from tta.evaluation import get_stream, list_streams
+from tta.evaluation.runner import SWEEP_KEYS
+from tta.methods import get_method, list_methods
 from tta.evaluation.pipeline import check_cells
 from tta.models.shipped import PRETRAINED
 
@@ -60,15 +62,23 @@ def test_every_member_composes(hydra_conf, group):
         OmegaConf.to_container(cfg[group], resolve=True)  # interpolations resolve
 
 
-def test_adapt_configs_match_the_method_registry():
-    assert members("adapt") == sorted(list_methods())
+def test_adapt_configs_match_the_method_registry(hydra_conf):
+    assert members("adapt") == list_methods()
     for name in list_methods():
-        config = load("adapt", name)
+        config = OmegaConf.to_container(compose(config_name="evaluate", overrides=[f"adapt={name}"]).adapt,
+                                        resolve=True)
         assert config.pop("name") == name
-        method = get_method(name)
-        assert set(config) == set(method.defaults)
-        assert method.params(config) == config  # valid, and the defaults agree
-        assert config == dict(method.defaults)
+        defaults = get_method(name).defaults()
+        # every hyper-parameter is in the config, nothing else but the sweep keys
+        assert set(defaults) <= set(config) <= set(defaults) | set(SWEEP_KEYS)
+        source_images = get_method(name).source_images
+        for key, value in defaults.items():
+            if key == source_images:  # an image count in the config, images in the library
+                assert isinstance(config[key], int) and config[key] > 0
+            elif key == "seed":  # follows the run's seed
+                assert config[key] == 0
+            else:  # the config's defaults are the method's (tuples are lists in YAML)
+                assert config[key] == (list(value) if isinstance(value, tuple) else value), (name, key)
 
 
 def test_stream_configs_match_the_stream_registry():
@@ -172,4 +182,4 @@ def test_job_directories_are_named_by_escaped_overrides(hydra_conf):
 
 def test_unknown_group_member_lists_the_options(hydra_conf):
     with pytest.raises(MissingConfigException, match="recalibrate"):
-        compose(config_name="evaluate", overrides=["adapt=tent"])
+        compose(config_name="evaluate", overrides=["adapt=tnet"])

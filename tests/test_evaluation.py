@@ -334,6 +334,8 @@ def test_streams_cover_every_image_once(digits):
     _, targets = digits
     keys = [("fog", 1), ("snow", 1), ("fog", 2)]
     for name in list_streams():
+        if name in ("gradual", "mixture"):  # revisits cells / adds the clean cell: tests below
+            continue
         stream = get_stream(name)
         segments = list(stream.segments(keys, targets, 0, **stream.params()))
         seen = sorted((seg.cells[p], i) for seg in segments for p, i in seg.order.tolist())
@@ -393,9 +395,9 @@ def test_resume_skips_and_refuses_other_configs(tmp_path, bench):
 # --- error paths ----------------------------------------------------------------------------
 
 def test_unknown_names_list_the_valid_ones(tmp_path, bench):
-    with pytest.raises(ValueError, match="valid names are: source, batch, blend, ema, recalibrate"):
-        get_method("tent")
-    with pytest.raises(ValueError, match="valid names are: reset, continual, mixed, dirichlet"):
+    with pytest.raises(ValueError, match="valid names are: .*source.*tent"):
+        get_method("tnet")
+    with pytest.raises(ValueError, match="valid names are: reset, continual, mixed, dirichlet, gradual"):
         get_stream("random")
     with pytest.raises(ValueError, match="unknown corruption 'fogg'.*gaussian_noise"):
         check_cells(["fogg"], [1])
@@ -404,7 +406,7 @@ def test_unknown_names_list_the_valid_ones(tmp_path, bench):
     with pytest.raises(ValueError, match="unknown model 'resnet7'"):
         bench(tmp_path, model="resnet7")
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['priors'\].*prior"):
-        get_method("blend").params({"priors": 3})
+        bench(tmp_path, method="blend", method_params={"priors": 3})
 
 
 @pytest.mark.parametrize("severity", [0, 6])
@@ -414,12 +416,12 @@ def test_bad_severity(tmp_path, severity, bench):
 
 
 def test_bad_method_and_stream_parameters(tmp_path, bench):
-    with pytest.raises(ValueError, match="adapt.prior must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"adapt.prior must be >= 0, got -1 \(adapt=blend\)"):
         bench(tmp_path, method="blend", method_params={"prior": -1})
-    with pytest.raises(ValueError, match="adapt.momentum"):
-        get_method("ema").params({"momentum": 0})
-    with pytest.raises(ValueError, match="adapt.num_images"):
-        get_method("recalibrate").params({"num_images": 0})
+    with pytest.raises(ValueError, match="adapt.momentum must be > 0"):
+        bench(tmp_path, method="ema", method_params={"momentum": 0})
+    with pytest.raises(ValueError, match="adapt.num_images must be an int >= 1"):
+        bench(tmp_path, method="recalibrate", method_params={"num_images": 0})
     with pytest.raises(ValueError, match="stream.delta must be a finite number > 0"):
         get_stream("dirichlet").params({"delta": -0.5})
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
@@ -468,5 +470,103 @@ def test_too_many_examples(tmp_path, bench):
 
 
 def test_registries_are_complete():
-    assert list_methods() == ["source", "batch", "blend", "ema", "recalibrate"]
-    assert list_streams() == ["reset", "continual", "mixed", "dirichlet"]
+    assert list_methods() == ["batch", "blend", "cotta", "dua", "eata", "ema", "eta", "recalibrate",
+                              "sar", "source", "tent"]
+    assert list_streams() == ["reset", "continual", "mixed", "dirichlet", "gradual", "imbalance", "mixture"]
+
+
+# --- the streams of issue 10 --------------------------------------------------------------
+
+def test_gradual_stream_goes_up_and_down_one_severity_at_a_time(digits):
+    _, targets = digits
+    keys = [(c, s) for s in (1, 2, 3) for c in ("fog", "snow")]
+    segments = list(get_stream("gradual").segments(keys, targets, 0))
+    visits = [keys[seg.cells[0]] for seg in segments]
+    assert visits == [("fog", 3), ("fog", 2), ("fog", 1),
+                      ("snow", 1), ("snow", 2), ("snow", 3), ("snow", 2), ("snow", 1)]
+    assert [seg.reset for seg in segments] == [True] + [False] * 7
+    assert all(seg.order[:, 1].tolist() == list(range(len(targets))) for seg in segments)
+
+
+def test_imbalance_subset_follows_the_exponential_profile():
+    targets = torch.as_tensor(np.repeat(np.arange(10), [120, 100, 130, 110, 100, 140, 100, 105, 100, 150]))
+    for factor in (10.0, 100.0):
+        subset = tta.evaluation.imbalance_subset(targets, 0, factor)
+        counts = np.bincount(targets[subset].numpy(), minlength=10)
+        expected = sorted((int(100 * factor ** (-k / 9)) for k in range(10)), reverse=True)
+        assert sorted(counts.tolist(), reverse=True) == expected  # n_max = smallest class (100)
+        assert len(set(subset.tolist())) == len(subset)
+    a, b = (tta.evaluation.imbalance_subset(targets, seed, 10.0) for seed in (0, 1))
+    assert torch.equal(a, tta.evaluation.imbalance_subset(targets, 0, 10.0)) and not torch.equal(a, b)
+    with pytest.raises(ValueError, match="stream.factor must be a finite number >= 1"):
+        get_stream("imbalance").params({"factor": 0.5})
+
+
+def test_mixture_stream_interleaves_the_clean_fraction(digits):
+    _, targets = digits
+    keys = [("fog", 1), ("snow", 1), ("clean", 0)]
+    segments = list(get_stream("mixture").segments(keys, targets, 0, clean_fraction=0.2))
+    assert [seg.cells for seg in segments] == [[0, 2], [1, 2]] and [s.reset for s in segments] == [True, False]
+    k = round(len(targets) * 0.2 / 0.8)
+    for seg in segments:
+        position = seg.order[:, 0]
+        assert int((position == 1).sum()) == k and int((position == 0).sum()) == len(targets)
+        assert sorted(seg.order[position == 0, 1].tolist()) == list(range(len(targets)))
+        assert 0 < position[: len(seg.order) // 2].float().mean() < 1  # interleaved
+    with pytest.raises(ValueError, match=r"stream.clean_fraction must be in \[0, 1\)"):
+        get_stream("mixture").params({"clean_fraction": 1.0})
+
+
+@torch.no_grad()
+def test_imbalance_measures_source_and_adapted_on_the_same_subset(tmp_path, bench, digits):
+    images, targets = digits
+    subset = tta.evaluation.imbalance_subset(targets, 0, 4.0)
+    out = bench(tmp_path, method="batch", stream="imbalance", stream_params={"factor": 4.0})
+    cell = out["cells"][0]
+    assert out["num_examples"] == cell["num_examples"] == len(subset) < len(targets)
+    model = small_model(0)
+    x = tta.corrupt(images, "fog", 3, seed=0)[subset].float() / 255
+    source = (model(x).argmax(1) == targets[subset]).double().mean().item()
+    clean = (model(images[subset].float() / 255).argmax(1) == targets[subset]).double().mean().item()
+    assert cell["source_accuracy"] == pytest.approx(source)
+    assert out["clean_accuracy"] == pytest.approx(clean)
+
+
+def test_mixture_reports_the_clean_part_separately(tmp_path, bench):
+    out = bench(tmp_path, method="batch", stream="mixture", stream_params={"clean_fraction": 0.5},
+                corruptions=["fog", "contrast"])
+    part = out["stream_clean"]
+    assert part["num_examples"] == 2 * N  # N clean images beside each of the two cells
+    assert part["forgetting"] == pytest.approx(out["clean_accuracy"] - part["accuracy"])
+    assert [c["num_examples"] for c in out["cells"]] == [N, N]
+    source = bench(tmp_path / "s", method="source", stream="mixture")
+    assert source["stream_clean"]["forgetting"] == 0.0
+
+
+def test_gradual_counts_every_visit(tmp_path, bench):
+    out = bench(tmp_path, method="ema", stream="gradual", corruptions=["fog", "contrast"], severities=[1, 2])
+    visits = {("fog", 1): 1, ("fog", 2): 1, ("contrast", 1): 2, ("contrast", 2): 1}
+    assert {(c["corruption"], c["severity"]): c["num_examples"] // N for c in out["cells"]} == visits
+
+
+def test_tent_through_the_pipeline_equals_the_library(tmp_path, bench, digits):
+    images, targets = digits
+    out = bench(tmp_path, method="tent", method_params={"lr": 0.01}, corruptions=["fog", "contrast"],
+                severities=[3])
+    assert out["params"]["lr"] == 0.01 and out["params"]["optimizer"] == "adam"
+    adapter = tta.adapt(small_model(0), "tent", lr=0.01)
+    for cell in out["cells"]:  # reset stream: from the source weights at every cell, batches of 16
+        adapter.reset()
+        x = tta.corrupt(images, cell["corruption"], 3, seed=0).float() / 255
+        predictions = torch.cat([adapter(batch).argmax(1) for batch in x.split(16)])
+        assert cell["accuracy"] == pytest.approx((predictions == targets).double().mean().item())
+
+
+def test_eata_gets_clean_images_for_its_fisher_information(tmp_path, bench):
+    out = bench(tmp_path, method="eata", method_params={"fisher_images": 32, "fisher_batch_size": 16})
+    assert out["params"]["fisher_images"] == 32
+
+
+def test_a_sweep_key_is_dropped_by_methods_without_it(tmp_path, bench):
+    out = bench(tmp_path, method="batch", method_params={"prior": 16})
+    assert "prior" not in out["params"]

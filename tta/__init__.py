@@ -4,6 +4,8 @@ from tta.surgery import convert, reset, revert, set_stats, use_stats
 from tta.recalibration import recalibrate
 from tta.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, PRESETS, corrupt
 from tta import data, models
+from tta.methods import Adapter, adapt, list_methods
+from tta.label_free import diagnose, fit_accuracy_estimator, select_prior
 
 __version__ = "0.1.0"
 
@@ -24,4 +26,10 @@ __all__ = [
     "corrupt",
     "data",
     "models",
+    "Adapter",
+    "adapt",
+    "list_methods",
+    "diagnose",
+    "fit_accuracy_estimator",
+    "select_prior",
 ]

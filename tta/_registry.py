@@ -13,10 +13,13 @@ class Registry(Generic[T]):
 
     Args:
         kind: what the registered objects are, used in error messages (e.g. ``"method"``).
+        ordered: list names in registration order (when it means something, e.g. streams from
+            the simplest); False: alphabetically.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, ordered: bool = True) -> None:
         self.kind = kind
+        self.ordered = ordered
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -40,8 +43,7 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
-        # registration order is meaningful (source, batch, blend, ...), so keep it
-        return list(self._items)
+        return list(self._items) if self.ordered else sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

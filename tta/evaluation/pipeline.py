@@ -16,12 +16,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 import tta
-from tta.evaluation.methods import get_method
 from tta.evaluation.metrics import (NUM_BINS, baseline_errors, corruption_errors,
                                     mean_corruption_error)
 from tta.evaluation.results import (CellCache, JsonCache, content_hash, corruption_code_hash,
                                     finished, locked, model_hash, read_json, write_results)
-from tta.evaluation.runner import Cell, evaluate
+from tta.evaluation.runner import Cell, build_adapter, evaluate, method_hparams
 from tta.evaluation.streams import get_stream
 
 __all__ = ["SEVERITIES", "CHANCE_MARGIN", "run_benchmark", "load_images", "build_model",
@@ -249,6 +248,19 @@ def _gap_closed(recovered: float | None, clean: float | None, source: float | No
     return recovered / (clean - source)
 
 
+def _json_safe(value: Any) -> Any:
+    """Hyper-parameters as JSON values: tuples become lists, tensors their shapes."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Tensor):
+        return {"tensor": list(value.shape)}
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "numpy": np.__version__, "tta": tta.__version__}
@@ -314,8 +326,9 @@ def run_benchmark(
     check_cells(corruptions, severities)
     corruptions, severities = list(corruptions), [int(s) for s in severities]
     grid = [(c, s) for s in severities for c in corruptions]
-    method_params = get_method(method).params(method_params)
-    stream_params = get_stream(stream).params(stream_params)
+    method_params = method_hparams(method, method_params)
+    stream_def = get_stream(stream)
+    stream_params = stream_def.params(stream_params)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if preset is not None and preset not in tta.PRESETS:
@@ -364,6 +377,17 @@ def run_benchmark(
     else:
         cell_shape, probe = tuple(clean_images.shape), clean_images[:1].float() / 255
         data_key = clean_key
+    if stream_def.uses_clean and clean_images is None:
+        raise ValueError(f"stream={stream} interleaves clean images, but dataset {dataset!r} has "
+                         "none (set dataset.clean)")
+    # a stream that selects the images (imbalance): every cell, the clean images and the source
+    # metrics use the same subset
+    subset = None if stream_def.subset is None else stream_def.subset(targets, seed, **stream_params)
+    subset_key = None
+    if subset is not None:
+        subset_key = content_hash("subset", subset)
+        targets = targets[subset]
+        clean_images = None if clean_images is None else clean_images[subset]
 
     # model: its output width must be the number of classes; then skip if already done
     net = build_model(model, pretrained=pretrained, weights=weights, seed=seed,
@@ -392,6 +416,9 @@ def run_benchmark(
              f"{dataset!r}: its accuracies, and what adaptation recovers, do not measure "
              f"robustness to a shift of its own data")
 
+    # the adapted model, built now so that a bad hyper-parameter fails before any evaluation
+    adapter = None if method == "source" else build_adapter(
+        copy.deepcopy(net), method, method_params, source_images=clean_images, device=device)
     cell_cache = CellCache(cache_dir)
     source_cache = JsonCache(cache_dir, "source")
 
@@ -407,7 +434,7 @@ def run_benchmark(
                     images = tta.corrupt(clean_images, corruption, severity, preset=preset,
                                          seed=seed)
                 cell_cache.put(key, images)
-            return images
+            return images if subset is None else images[subset]
 
         return load
 
@@ -422,14 +449,15 @@ def run_benchmark(
 
     clean = None
     if clean_images is not None:
-        clean_record_key = content_hash(*evaluation, fingerprints["model"], clean_key)
+        clean_record_key = content_hash(*evaluation, fingerprints["model"], clean_key, subset_key)
         clean = source_cache.get(clean_record_key, check=valid)
         if clean is None:
             clean = evaluate(copy.deepcopy(net), [Cell("clean", 0, clean_images)], targets,
                              batch_size=batch_size, device=device,
                              num_classes=num_classes)["cells"][0]
             source_cache.put(clean_record_key, clean)
-    source_keys = [content_hash(*evaluation, fingerprints["model"], cell_keys[k]) for k in grid]
+    source_keys = [content_hash(*evaluation, fingerprints["model"], cell_keys[k], subset_key)
+                   for k in grid]
     source = [source_cache.get(k, check=valid) for k in source_keys]
     missing = [i for i, record in enumerate(source) if record is None]
     source_seconds = None
@@ -453,15 +481,24 @@ def run_benchmark(
              f"recovered and gap_closed mean nothing")
 
     # the adapted model
-    if method == "source":  # images_per_second is null when every cell came from the cache
+    stream_clean = None
+    if adapter is None:  # source; images_per_second is null when every cell came from the cache
         adapted = [dict(record) for record in source]
         seconds = source_seconds if len(missing) == len(grid) else None
+        hparams: dict[str, Any] = {}
+        if stream_def.uses_clean:  # the source model's predictions do not depend on the stream
+            stream_clean = {"accuracy": clean_accuracy, "num_examples": n}
     else:
-        run = evaluate(copy.deepcopy(net), cells, targets, method=method,
-                       method_params=method_params, stream=stream, stream_params=stream_params,
-                       batch_size=batch_size, device=device, seed=seed, num_classes=num_classes,
-                       progress=progress)
-        adapted, seconds = run["cells"], run["seconds"]
+        stream_cells = cells + ([Cell("clean", 0, clean_images)] if stream_def.uses_clean else [])
+        run = evaluate(adapter.model, stream_cells, targets, method=adapter, stream=stream,
+                       stream_params=stream_params, batch_size=batch_size, device=device,
+                       seed=seed, num_classes=num_classes, progress=progress)
+        adapted, seconds, hparams = run["cells"][:len(cells)], run["seconds"], run["hparams"]
+        if stream_def.uses_clean:
+            clean_run = run["cells"][-1]
+            stream_clean = {"accuracy": clean_run["accuracy"], "num_examples": clean_run["num_examples"]}
+    if stream_clean is not None:  # accuracy on the clean images inside the stream: forgetting
+        stream_clean["forgetting"] = clean_accuracy - stream_clean["accuracy"]
 
     rows = []
     for (c, s), src, ada in zip(grid, source, adapted):
@@ -478,7 +515,7 @@ def run_benchmark(
     results: dict[str, Any] = {
         "status": "ok",
         "warnings": warnings,
-        "method": method, "params": method_params,
+        "method": method, "params": _json_safe(hparams),
         "stream": stream, "stream_params": stream_params,
         "batch_size": batch_size, "num_examples": n,
         "dataset": dataset, "model": model_name, "seed": seed, "device": device,
@@ -495,6 +532,8 @@ def run_benchmark(
         "per_corruption": {c: summarize([r for r in rows if r["corruption"] == c], clean_accuracy)
                            for c in corruptions},
     }
+    if stream_clean is not None:
+        results["stream_clean"] = stream_clean
     if baseline_cells is not None:
         for c, ce in corruption_errors(rows, baseline_cells).items():
             results["per_corruption"][c]["ce"] = ce

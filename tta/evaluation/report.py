@@ -696,7 +696,7 @@ def write_report(paths: Iterable[str | Path], out: str | Path, plots: bool = Tru
     if not runs:
         raise ValueError(f"no readable results.json found below {paths}" + "".join(
             f"\n  {e['kind']}: {e['file']}: {e['error_type']}: {e['error']}" for e in errors))
-    from tta.evaluation.methods import list_methods
+    from tta.methods import list_methods
 
     runs.sort(key=_sort_key({name: i for i, name in enumerate(list_methods())}))
     runs = _unique(runs)

@@ -10,11 +10,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tta.evaluation.methods import get_method
+import tta.methods
 from tta.evaluation.metrics import NUM_BINS, CalibrationCounts, ConfusionCounts
 from tta.evaluation.streams import get_stream
 
-__all__ = ["Cell", "evaluate"]
+__all__ = ["Cell", "evaluate", "method_hparams", "build_adapter", "SWEEP_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +63,62 @@ class _Batches:
             yield _to_float(self.stacked[part[:, 0], part[:, 1]], self.device)
 
 
+# adapt.* keys that every method accepts from the config and drops when it does not have them,
+# so that one sweep can vary e.g. adapt.prior over several methods (adapt=source,batch,blend)
+SWEEP_KEYS = ("prior",)
+
+
+def method_hparams(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The config's ``adapt.*`` values as :func:`tta.adapt` hyper-parameters of ``method``.
+
+    Keys of :data:`SWEEP_KEYS` that the method does not take are dropped.
+
+    Raises:
+        ValueError: unknown method, or a key the method does not take (the message lists the
+            valid ones).
+    """
+    valid = tta.methods.get_method(method).defaults()
+    params = {k: v for k, v in dict(params or {}).items() if k in valid or k not in SWEEP_KEYS}
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for adapt method {method!r}; valid "
+                         f"parameters are: {', '.join(valid) or 'none'}")
+    return params
+
+
+def build_adapter(model: nn.Module, method: str, params: Mapping[str, Any] | None, *,
+                  source_images: Tensor | None = None, device: str | torch.device = "cpu") -> tta.Adapter:
+    """``tta.adapt(model, method, **hparams)`` on ``device`` in eval mode.
+
+    A method that estimates something on in-distribution data (its class attribute
+    ``source_images`` names that hyper-parameter, e.g. EATA's ``fisher_images``) may be given
+    an int k in the config: the first k of ``source_images`` (uint8 (N, C, H, W), the clean
+    images of the benchmark; their labels are never used) are passed as float [0, 1] input.
+    """
+    hparams = method_hparams(method, params)
+    key = getattr(tta.methods.get_method(method), "source_images", None)
+    if key is not None and isinstance(hparams.get(key), int) and not isinstance(hparams[key], bool):
+        if source_images is None:
+            raise ValueError(f"adapt={method} needs {hparams[key]} in-distribution images for "
+                             f"adapt.{key}, but this benchmark has no clean images (dataset.clean)")
+        hparams[key] = _to_float(source_images[:hparams[key]], torch.device(device))
+    model.to(device).eval()
+    try:
+        return tta.adapt(model, method, **hparams)
+    except (ValueError, TypeError) as error:  # in the config's words: adapt.prior, not prior
+        message = str(error)
+        if message.split(" ", 1)[0] in tta.methods.get_method(method).defaults():
+            message = "adapt." + message
+        raise type(error)(f"{message} (adapt={method})") from None
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     cells: Sequence[Cell],
     targets: Tensor,
     *,
-    method: str = "source",
+    method: str | tta.Adapter = "source",
     method_params: Mapping[str, Any] | None = None,
     stream: str = "reset",
     stream_params: Mapping[str, Any] | None = None,
@@ -78,60 +127,66 @@ def evaluate(
     seed: int = 0,
     num_bins: int = NUM_BINS,
     num_classes: int | None = None,
+    source_images: Tensor | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     r"""Evaluates ``model`` adapted by ``method`` on the ``cells`` in the order of ``stream``.
 
-    The model is prepared once (:func:`tta.convert` in place, so pass a copy if you still need
-    the original) and reset to that prepared state whenever the stream says so.
+    The model is wrapped once by :func:`tta.adapt` (in place, so pass a copy if you still
+    need the original) and reset (``adapter.reset()``) whenever the stream says so. At the start
+    of every segment a method with an offline phase (``fit``, e.g. ``recalibrate``) fits on the
+    segment's first ``hparams["num_images"]`` images in stream order, in batches of
+    ``hparams["batch_size"]``. Gradients are enabled only for methods that need them.
 
     Args:
         model: a classifier taking float images in [0, 1].
         cells: the benchmark cells; all hold the same images, corrupted differently, so
             ``targets`` apply to every cell.
         targets: labels, shape (N,).
-        method: a name from :func:`tta.evaluation.list_methods`.
-        method_params: its parameters (see the method's ``defaults``).
+        method: a name from :func:`tta.list_methods`, or an adapter already built around
+            ``model`` (then ``method_params`` is ignored).
+        method_params: its hyper-parameters (see the method's docstring).
         stream: a name from :func:`tta.evaluation.list_streams`.
         stream_params: its parameters.
         batch_size: test batch size (part of the protocol: batch statistics depend on it).
         device: where the model runs.
-        seed: seeds the stream order (mixed, dirichlet).
+        seed: seeds the stream order (mixed, dirichlet, imbalance, mixture).
         num_bins: confidence bins of the ECE.
         num_classes: the number of classes C; None: the model's output width.
+        source_images: clean uint8 images for methods that take in-distribution data.
         progress: show a tqdm progress bar.
 
     Returns:
         ``{"cells": [{"corruption", "severity", "num_examples", "accuracy", "error", "ece",
-        "confusion"}], "num_images": int, "seconds": float}`` with accuracies as fractions and
-        ``confusion`` a C x C list of ints (row: true class, column: predicted class).
+        "confusion"}], "num_images": int, "seconds": float, "hparams": dict}`` with accuracies
+        as fractions and ``confusion`` a C x C list of ints (row: true class, column: predicted
+        class); ``hparams``: the method's hyper-parameters as used.
 
     Raises:
         ValueError: the model's output width is not ``num_classes``, or a label does not fit it.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    adapt = get_method(method)
-    params = adapt.params(method_params)
     order_of = get_stream(stream)
     s_params = order_of.params(stream_params)
     device = torch.device(device)
     targets = torch.as_tensor(targets, dtype=torch.long)
 
-    model.to(device).eval()
-    adapt.prepare(model, params)
-    model.eval()
-    snapshot = adapt.snapshot(model)
+    if isinstance(method, tta.Adapter):
+        adapter = method
+    else:
+        adapter = build_adapter(model, method, method_params, source_images=source_images, device=device)
+    fits = type(adapter).fit is not tta.Adapter.fit
     counts = CalibrationCounts(len(cells), num_bins)
     confusion = None  # sized by the first logits
     keys = [(cell.corruption, int(cell.severity)) for cell in cells]
     total = len(cells) * len(targets)
-    bar = tqdm(total=total, desc=f"{method}/{stream}", unit="img", disable=not progress,
+    bar = tqdm(total=total, desc=f"{adapter.name}/{stream}", unit="img", disable=not progress,
                leave=False, dynamic_ncols=True)
     start = time.perf_counter()
     for segment in order_of.segments(keys, targets, seed, **s_params):
         if segment.reset:
-            adapt.reset(model, snapshot)
+            adapter.reset()
         loaded = [cells[i].load() for i in segment.cells]
         for i, images in zip(segment.cells, loaded):
             if len(images) != len(targets):
@@ -144,12 +199,12 @@ def evaluate(
         def batches(size: int, limit: int | None) -> _Batches:
             return _Batches(stacked, order, size, limit, device)
 
-        if adapt.adapt is not None:
-            adapt.adapt(model, batches, params)
-            model.eval()
+        if fits:  # offline phase on the segment's first images, unlabelled
+            adapter.fit(batches(adapter.hparams.get("batch_size", batch_size), adapter.hparams.get("num_images")))
         for begin in range(0, len(order), batch_size):
             part = order[begin:begin + batch_size]
-            logits = model(_to_float(stacked[part[:, 0], part[:, 1]], device))
+            with torch.set_grad_enabled(adapter.needs_grad):
+                logits = adapter(_to_float(stacked[part[:, 0], part[:, 1]], device)).detach()
             if confusion is None:
                 confusion = _confusion(len(cells), num_classes, logits.shape[-1])
             labels, groups = targets[part[:, 1]], cell_index[part[:, 0]]
@@ -170,7 +225,7 @@ def evaluate(
          "confusion": confusion.counts[i].tolist()}
         for i, (c, s) in enumerate(keys)
     ]
-    return {"cells": results, "num_images": total, "seconds": seconds}
+    return {"cells": results, "num_images": total, "seconds": seconds, "hparams": dict(adapter.hparams)}
 
 
 def _confusion(num_groups: int, num_classes: int | None, width: int) -> ConfusionCounts:

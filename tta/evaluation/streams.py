@@ -3,7 +3,13 @@ adaptation state is reset.
 
 A stream turns the list of benchmark cells (corruption, severity) into segments. Each segment
 is a sequence of ``(cell position, image index)`` pairs seen in order; the model is reset to
-its prepared state before a segment whose ``reset`` is true.
+its prepared state before a segment whose ``reset`` is true. A cell may appear in several
+segments (``gradual`` visits severities twice); its accuracy is then over all its visits.
+
+Two optional parts of a stream: ``subset(targets, seed, **params)`` selects the images every
+cell is made of (``imbalance``: a class-imbalanced test set; the source and clean accuracies
+are computed on the same images), and ``uses_clean``: the stream interleaves the clean images,
+passed as the last cell with key ``("clean", 0)`` (``mixture``).
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from torch import Tensor
 
 from tta._registry import Registry
 
-__all__ = ["Segment", "Stream", "register_stream", "get_stream", "list_streams", "dirichlet_order"]
+__all__ = ["Segment", "Stream", "register_stream", "get_stream", "list_streams", "dirichlet_order",
+           "imbalance_subset"]
 
 
 @dataclass
@@ -45,6 +52,8 @@ class Stream:
     defaults: Mapping[str, Any]
     segments: Callable[..., Iterator[Segment]]
     check: Callable[[dict], None] = lambda params: None
+    subset: Callable[..., Tensor] | None = None
+    uses_clean: bool = False
 
     def params(self, params: Mapping[str, Any] | None = None) -> dict:
         params = dict(params or {})
@@ -156,8 +165,95 @@ def _dirichlet_segments(cells: Sequence[tuple[str, int]], targets: Tensor, seed:
                       reset=True)
 
 
+def _check_fraction_below_one(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"stream.{name} must be in [0, 1), got {value!r}")
+
+
+def _gradual_segments(cells: Sequence[tuple[str, int]], targets: Tensor, seed: int) -> Iterator[Segment]:
+    # CoTTA's gradual protocol (cifar10c_gradual.py): one reset at the start; the first
+    # corruption from the highest severity down, every later one up and back down
+    # (1, 2, 3, 4, 5, 4, 3, 2, 1), so the shift changes by one severity step at a time
+    corruptions = list(dict.fromkeys(c for c, _ in cells))
+    first = True
+    for k, corruption in enumerate(corruptions):
+        levels = sorted(s for c, s in cells if c == corruption)
+        visits = levels[::-1] if k == 0 else levels + levels[-2::-1]
+        for severity in visits:
+            i = cells.index((corruption, severity))
+            yield Segment([i], _in_order(i, len(targets)), reset=first)
+            first = False
+
+
+def imbalance_subset(targets: Tensor, seed: int, factor: float) -> Tensor:
+    """Indices of a long-tailed subset of the test set: with the classes in a random order
+    (seeded), class k of C keeps ``floor(n_max * factor ** (-k / (C - 1)))`` of its images
+    (n_max: the smallest class count, so every class can supply its share), the exponential
+    profile of CIFAR-10-LT (Cui et al., CVPR 2019); ``factor`` = largest / smallest class size.
+    Sorted indices into ``targets``."""
+    targets = np.asarray(targets)
+    classes = np.unique(targets)
+    rng = np.random.default_rng([seed, 10])
+    ranked = rng.permutation(classes)
+    n_max = min(int((targets == c).sum()) for c in classes)
+    keep = []
+    for k, label in enumerate(ranked):
+        count = int(n_max * factor ** (-k / max(len(classes) - 1, 1)))
+        keep.append(rng.permutation(np.flatnonzero(targets == label))[:max(count, 1)])
+    return torch.as_tensor(np.sort(np.concatenate(keep)), dtype=torch.long)
+
+
+def _check_imbalance(params: dict) -> None:
+    factor = check_real("stream.factor", params["factor"])
+    if factor < 1:
+        raise ValueError(f"stream.factor must be a finite number >= 1 (largest / smallest class "
+                         f"size, e.g. 10 or 100), got {factor!r}")
+
+
+def _imbalance_segments(cells: Sequence[tuple[str, int]], targets: Tensor, seed: int,
+                        factor: float) -> Iterator[Segment]:
+    # the images are already the imbalanced subset (Stream.subset); each cell in random order
+    for i in range(len(cells)):
+        rng = np.random.default_rng([seed, 11, i])
+        yield Segment([i], _in_order(i, len(targets), rng.permutation(len(targets))), reset=True)
+
+
+def _check_mixture(params: dict) -> None:
+    _check_fraction_below_one("clean_fraction", check_real("stream.clean_fraction", params["clean_fraction"]))
+
+
+def _mixture_segments(cells: Sequence[tuple[str, int]], targets: Tensor, seed: int,
+                      clean_fraction: float) -> Iterator[Segment]:
+    # continual over the corrupted cells, each shuffled together with clean images that make
+    # up `clean_fraction` of its segment (drawn without replacement until the clean set is used
+    # up, then again): accuracy on the clean part measures forgetting
+    if ("clean", 0) not in cells:
+        raise ValueError("stream=mixture needs the clean images as the cell ('clean', 0)")
+    clean = cells.index(("clean", 0))
+    n = len(targets)
+    k = round(n * clean_fraction / (1.0 - clean_fraction))
+    rng = np.random.default_rng([seed, 12])
+    pool = np.empty(0, dtype=np.int64)
+    corrupted = [i for i in range(len(cells)) if i != clean]
+    for j, i in enumerate(corrupted):
+        while len(pool) < k:
+            pool = np.concatenate([pool, rng.permutation(n)])
+        drawn, pool = pool[:k], pool[k:]
+        position = np.concatenate([np.zeros(n, dtype=np.int64), np.ones(k, dtype=np.int64)])
+        index = np.concatenate([np.arange(n), drawn])
+        shuffle = rng.permutation(n + k)
+        order = torch.as_tensor(np.stack([position[shuffle], index[shuffle]], axis=1), dtype=torch.long)
+        yield Segment([i, clean], order, reset=j == 0)
+
+
 register_stream("reset", defaults={}, segments=_reset_segments)
 register_stream("continual", defaults={}, segments=_continual_segments)
 register_stream("mixed", defaults={}, segments=_mixed_segments)
 register_stream("dirichlet", defaults={"delta": 0.1}, segments=_dirichlet_segments,
                 check=_check_dirichlet)
+register_stream("gradual", defaults={}, segments=_gradual_segments)
+register_stream("imbalance", defaults={"factor": 10.0}, segments=_imbalance_segments,
+                check=_check_imbalance,
+                subset=imbalance_subset)
+register_stream("mixture", defaults={"clean_fraction": 0.25}, segments=_mixture_segments,
+                check=_check_mixture, uses_clean=True)
