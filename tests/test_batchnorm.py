@@ -281,7 +281,7 @@ def test_constructor_keywords_and_stats_attribute():
     assert (layer.stats, layer.prior, layer.alpha, layer.ema_momentum, layer.pooled, layer.momentum) == (
         "blend", 4.0, 0.3, 0.05, True, 0.5)
     assert layer.stats_config() == {"stats": "blend", "prior": 4.0, "alpha": 0.3, "momentum": 0.05, "pooled": True,
-                                     "variance": "biased"}
+                                     "variance": "biased", "moments": "both"}
     assert tta.STATS == ("source", "batch", "blend", "ema")
 
 
@@ -301,7 +301,7 @@ def test_bad_configuration_raises_and_keeps_old(kwargs, error, match):
     with pytest.raises(error, match=match):
         layer.set_stats(**kwargs)
     assert layer.stats_config() == {"stats": "source", "prior": 16.0, "alpha": None, "momentum": 0.1, "pooled": False,
-                                     "variance": "biased"}
+                                     "variance": "biased", "moments": "both"}
     with pytest.raises(ValueError, match="stats must be one of"):
         layer.stats = "bogus"
 

@@ -157,5 +157,45 @@ def test_variance_is_configured_like_the_other_parameters():
     with pytest.raises(ValueError, match=r"variance must be one of \('biased', 'unbiased'\), got 'sample'"):
         layer.set_stats(variance="sample")
     assert layer.stats_config() == {"stats": "blend", "prior": 4.0, "alpha": None, "momentum": 0.1,
-                                    "pooled": False, "variance": "unbiased"}
+                                    "pooled": False, "variance": "unbiased", "moments": "both"}
     assert tta.batchnorm.VARIANCES == ("biased", "unbiased")
+
+
+# --- moments: adapt only the mean or only the variance (Schneider et al. 2020, partly adaptive) --
+
+@pytest.mark.parametrize("stats", ["batch", "blend", "ema"])
+@pytest.mark.parametrize("moments", ["mean", "var"])
+def test_only_one_moment_adapts(stats, moments):
+    torch.manual_seed(0)
+    bn = tta.AdaptiveBatchNorm2d(3, stats=stats, prior=4, ema_momentum=0.25, moments=moments).double()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    src_mean, src_var = bn.running_mean.clone(), bn.running_var.clone()
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64) * 2 + 0.7
+    mean_b = x.mean((0, 2, 3))
+    var_b = ((x - mean_b.view(1, -1, 1, 1)) ** 2).mean((0, 2, 3))
+    w = {"batch": 1.0, "blend": 6 / (4 + 6), "ema": 0.25}[stats]
+    mean = (1 - w) * src_mean + w * mean_b if moments == "mean" else src_mean
+    var = (1 - w) * src_var + w * var_b if moments == "var" else src_var
+    expected = ((x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
+                * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(bn(x), expected, rtol=1e-12, atol=1e-12)
+    if stats == "ema":  # only the adapted moment is written
+        torch.testing.assert_close(bn.running_mean, mean, rtol=0, atol=1e-15)
+        torch.testing.assert_close(bn.running_var, var, rtol=0, atol=1e-15)
+    assert f"moments={moments}" in repr(bn)
+
+
+def test_moments_need_running_statistics_and_bad_values_are_refused():
+    with pytest.raises(ValueError, match=r"moments must be one of \('both', 'mean', 'var'\)"):
+        tta.AdaptiveBatchNorm2d(3, moments="variance")
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        tta.AdaptiveBatchNorm2d(3, track_running_stats=False, stats="batch", moments="mean")
+    net = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        tta.convert(net, stats="batch", moments="mean")
+    assert type(net[0]) is torch.nn.BatchNorm2d  # refused before any change

@@ -383,3 +383,17 @@ def test_dua_augment_shapes_and_rotations():
     assert copies.shape == (16, 1, 8, 8)
     # every copy is a crop/flip/rotation: its non-zero values are values of the image
     assert set(copies.unique().tolist()) <= set(image.unique().tolist()) | {0.0}
+
+
+@torch.no_grad()
+def test_moments_option_reaches_every_layer():
+    net = tiny_net()
+    ref = tiny_net()
+    adapter = adapt(net, "batch", moments="mean")
+    assert net[1].moments == "mean" and adapter.hparams["moments"] == "mean"
+    x = batches(1)[0]
+    feats = ref[0](x)
+    # batch mean, source variance (the partly adaptive BN of Schneider et al. 2020)
+    torch.testing.assert_close(adapter(x), expected_logits(ref, x, feats.mean((0, 2, 3)), ref[1].running_var))
+    with pytest.raises(ValueError, match="moments must be one of 'both', 'mean', 'var'"):
+        adapt(tiny_net(), "ema", moments="mu")

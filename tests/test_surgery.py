@@ -67,7 +67,7 @@ def test_convert_replaces_shares_and_carries_everything():
 def test_convert_default_is_blend_prior_16_and_reconfigures_adaptive_layers():
     net = tta.convert(_net())
     assert all(m.stats_config() == {"stats": "blend", "prior": 16.0, "alpha": None, "momentum": 0.1, "pooled": False,
-                                   "variance": "biased"}
+                                   "variance": "biased", "moments": "both"}
                for m in _bns(net))
     tta.convert(net, stats="ema", momentum=0.05)
     assert all((m.stats, m.ema_momentum) == ("ema", 0.05) for m in _bns(net))

@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["STATS", "VARIANCES", "AdaptiveBatchNorm1d", "AdaptiveBatchNorm2d", "AdaptiveBatchNorm3d"]
+__all__ = ["STATS", "VARIANCES", "MOMENTS", "AdaptiveBatchNorm1d", "AdaptiveBatchNorm2d", "AdaptiveBatchNorm3d"]
 
 STATS = ("source", "batch", "blend", "ema")
 VARIANCES = ("biased", "unbiased")
+# which moments adapt, the other keeps the running value (partly adaptive BN, Schneider et al. 2020)
+MOMENTS = ("both", "mean", "var")
 
 
 class _Keep(enum.Enum):
@@ -61,6 +63,12 @@ def _check_stats(stats: Any) -> str:
     if stats not in STATS:
         raise ValueError(f"stats must be one of {STATS}, got {stats!r}")
     return stats
+
+
+def _check_moments(moments: Any) -> str:
+    if moments not in MOMENTS:
+        raise ValueError(f"moments must be one of {MOMENTS}, got {moments!r}")
+    return moments
 
 
 def _check_variance(variance: Any) -> str:
@@ -185,6 +193,7 @@ class _AdaptiveBatchNormMixin:
         ema_momentum: float = 0.1,
         pooled: bool = False,
         variance: str = "biased",
+        moments: str = "both",
         **kwargs: Any,
     ) -> None:
         # kwargs: further arguments of the installed torch's BatchNorm (e.g. bias=False).
@@ -202,7 +211,9 @@ class _AdaptiveBatchNormMixin:
         self.ema_momentum = 0.1
         self.pooled = False
         self.variance = "biased"
-        self.set_stats(stats, prior=prior, alpha=alpha, momentum=ema_momentum, pooled=pooled, variance=variance)
+        self.moments = "both"
+        self.set_stats(stats, prior=prior, alpha=alpha, momentum=ema_momentum, pooled=pooled, variance=variance,
+                       moments=moments)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -223,6 +234,7 @@ class _AdaptiveBatchNormMixin:
         momentum: float = _KEEP,
         pooled: bool = _KEEP,
         variance: str = _KEEP,
+        moments: str = _KEEP,
     ) -> None:
         """Choose the statistics source and its parameters; omitted arguments are kept.
 
@@ -238,6 +250,10 @@ class _AdaptiveBatchNormMixin:
             variance: ``"biased"`` (divide by n*H*W; torch's normalisation) or
                 ``"unbiased"`` (by n*H*W - 1; torch's ``running_var``) batch variance in
                 ``batch``, ``blend`` and ``ema``.
+            moments: which moments adapt in ``batch``, ``blend`` and ``ema``: ``"both"``,
+                only the ``"mean"`` (the variance stays the running variance) or only the
+                ``"var"`` (the mean stays the running mean); the partly adaptive BN of
+                Schneider et al. 2020. Anything but ``"both"`` needs running statistics.
 
         Numbers may be Python or NumPy reals. Nothing changes when an argument is bad.
 
@@ -257,6 +273,10 @@ class _AdaptiveBatchNormMixin:
             raise TypeError(f"pooled must be a bool, got {pooled!r}")
         new_pooled = self.pooled if pooled is _KEEP else bool(pooled)
         new_variance = self.variance if variance is _KEEP else _check_variance(variance)
+        new_moments = self.moments if moments is _KEEP else _check_moments(moments)
+        if new_moments != "both" and new_stats != "source" and self.running_mean is None:  # type: ignore[attr-defined]
+            raise ValueError(f"moments={new_moments!r} keeps the other moment from the running statistics, "
+                             "but this layer has track_running_stats=False; use moments='both'")
         if new_stats in ("blend", "ema") and self.running_mean is None:  # type: ignore[attr-defined]
             raise ValueError(
                 f"stats={new_stats!r} needs running statistics, but this layer has "
@@ -268,6 +288,7 @@ class _AdaptiveBatchNormMixin:
         self.ema_momentum = new_momentum
         self.pooled = new_pooled
         self.variance = new_variance
+        self.moments = new_moments
         self._adopt_buffers()
 
     def stats_config(self) -> dict[str, Any]:
@@ -279,6 +300,7 @@ class _AdaptiveBatchNormMixin:
             "momentum": self.ema_momentum,
             "pooled": self.pooled,
             "variance": self.variance,
+            "moments": self.moments,
         }
 
     # ------------------------------------------------------------------ own buffers
@@ -428,7 +450,7 @@ class _AdaptiveBatchNormMixin:
         self._check_input_dim(input)
         values = input.numel() // max(input.shape[1], 1)  # per channel: n * H * W
         unbiased = self.variance == "unbiased"
-        if stats == "batch":
+        if stats == "batch" and self.moments == "both":
             if values == 1:
                 raise self._too_few_values(input)
             if values == 0 or not unbiased and (torch.compiler.is_compiling() or not _BATCH_VIA_MOMENTS
@@ -445,12 +467,18 @@ class _AdaptiveBatchNormMixin:
         source_mean, source_var = self._running_stats()
         if values == 0:  # empty batch: nothing to adapt to
             return self._normalize(input, source_mean, source_var)
-        if unbiased and values == 1:
+        if (unbiased or stats == "batch") and values == 1:
             raise self._too_few_values(input)
         batch_mean, batch_var = batch_moments(input)
         if unbiased:
             batch_var = batch_var * (values / (values - 1))
         source_mean, source_var, batch_mean, batch_var = _same_dtype(source_mean, source_var, batch_mean, batch_var)
+        if self.moments == "mean":  # partly adaptive: keep the running variance
+            batch_var = source_var
+        elif self.moments == "var":  # keep the running mean
+            batch_mean = source_mean
+        if stats == "batch":
+            return self._normalize(input, batch_mean, batch_var)
         if stats == "blend":
             n = input.shape[0]
             weight = self.alpha if self.alpha is not None else n / (self.prior + n)
@@ -477,6 +505,8 @@ class _AdaptiveBatchNormMixin:
             s += f", ema_momentum={self.ema_momentum:g}"
         if self._stats != "source" and self.variance != "biased":
             s += f", variance={self.variance}"
+        if self._stats != "source" and self.moments != "both":
+            s += f", moments={self.moments}"
         return s
 
 
@@ -519,6 +549,8 @@ _DOC = r"""Applies Batch Normalization over a {rank} input with switchable stati
         ema_momentum: momentum m of ``"ema"``. Default: 0.1.
         pooled: add the between-distribution variance term in ``"blend"``. Default: False.
         variance: ``"biased"`` or ``"unbiased"`` batch variance. Default: ``"biased"``.
+        moments: ``"both"``, ``"mean"`` or ``"var"``: which moments adapt (the other one
+            keeps the running value). Default: ``"both"``.
         **kwargs: further arguments of the installed torch's ``{base}`` (e.g. ``bias=False``).
 
     Shape:

@@ -155,6 +155,7 @@ def convert(
     momentum: float = 0.1,
     pooled: bool = False,
     variance: str = "biased",
+    moments: str = "both",
 ) -> nn.Module:
     """Replace every torch ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` by an adaptive layer.
 
@@ -170,7 +171,7 @@ def convert(
 
     Args:
         model: any module (a bare BatchNorm layer too: then the new layer is returned).
-        stats, prior, alpha, pooled, variance: see :class:`tta.AdaptiveBatchNorm2d`.
+        stats, prior, alpha, pooled, variance, moments: see :class:`tta.AdaptiveBatchNorm2d`.
         momentum: EMA momentum (the layers' ``ema_momentum``).
 
     Returns:
@@ -182,7 +183,8 @@ def convert(
             ``forward`` (patched or compiled; named in the message).
     """
     _check_stats(stats)
-    params = {"prior": prior, "alpha": alpha, "momentum": momentum, "pooled": pooled, "variance": variance}
+    params = {"prior": prior, "alpha": alpha, "momentum": momentum, "pooled": pooled, "variance": variance,
+              "moments": moments}
     # Validate everything before the first change so a bad call leaves the model intact.
     AdaptiveBatchNorm1d(1, device="meta", stats="source").set_stats(stats, **params)
     candidates = [m for m in model.modules() if _plain_type(m) in _TO_ADAPTIVE or isinstance(m, _AdaptiveBatchNormMixin)]
@@ -190,10 +192,12 @@ def convert(
     if not candidates:
         extra = f" (left alone, not torch BatchNorm: {dict(others)})" if others else ""
         raise ValueError(f"convert: model has no torch BatchNorm1d/2d/3d or SyncBatchNorm layer{extra}")
-    if stats in ("blend", "ema"):
+    needs_running = stats in ("blend", "ema") or (stats == "batch" and moments != "both")
+    if needs_running:
         untracked = sorted({n for n, m in model.named_modules() if m in candidates and m.running_mean is None})
         if untracked:
-            raise ValueError(f"stats={stats!r} needs running statistics, but these layers have "
+            what = f"stats={stats!r}" + (f" with moments={moments!r}" if stats == "batch" else "")
+            raise ValueError(f"{what} needs running statistics, but these layers have "
                              f"track_running_stats=False: {untracked}; use 'source' or 'batch'")
     if others:
         logger.warning("convert: left %d BatchNorm-like layers alone (not exactly torch BatchNorm): %s",
@@ -239,6 +243,7 @@ def set_stats(
     momentum: float = _KEEP,
     pooled: bool = _KEEP,
     variance: str = _KEEP,
+    moments: str = _KEEP,
 ) -> nn.Module:
     """Switch every adaptive layer to ``stats`` (one of :data:`tta.STATS`); omitted parameters
     are kept (see :meth:`tta.AdaptiveBatchNorm2d.set_stats`).
@@ -255,9 +260,14 @@ def set_stats(
     if stats in ("blend", "ema") and any(layer.running_mean is None for layer in layers):
         raise ValueError(f"stats={stats!r} needs running statistics, but some layers have "
                          "track_running_stats=False; use 'source' or 'batch'")
+    if stats != "source" and any(layer.running_mean is None and (layer.moments if moments is _KEEP else moments) != "both"
+                                 for layer in layers):
+        raise ValueError(f"moments other than 'both' need running statistics, but some layers have "
+                         "track_running_stats=False; use moments='both'")
     # All layers get the same arguments: the first one validates them before it changes.
     for layer in layers:
-        layer.set_stats(stats, prior=prior, alpha=alpha, momentum=momentum, pooled=pooled, variance=variance)
+        layer.set_stats(stats, prior=prior, alpha=alpha, momentum=momentum, pooled=pooled, variance=variance,
+                        moments=moments)
     return model
 
 
@@ -297,6 +307,7 @@ def use_stats(
     momentum: float = _KEEP,
     pooled: bool = _KEEP,
     variance: str = _KEEP,
+    moments: str = _KEEP,
 ) -> Iterator[nn.Module]:
     """Context manager: :func:`set_stats` on entry; on exit (also when the block raises) every
     adaptive layer's configuration *and buffers* are put back: ``running_mean``/``running_var``
@@ -309,7 +320,8 @@ def use_stats(
     layers = _layers_or_raise(model, "use_stats")
     saved = _snapshot(layers)
     try:
-        set_stats(model, stats, prior=prior, alpha=alpha, momentum=momentum, pooled=pooled, variance=variance)
+        set_stats(model, stats, prior=prior, alpha=alpha, momentum=momentum, pooled=pooled, variance=variance,
+                        moments=moments)
         yield model
     finally:
         _restore(saved)
