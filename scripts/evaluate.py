@@ -72,7 +72,8 @@ def run(cfg: DictConfig, output_dir: str | Path, config: dict[str, Any]) -> dict
         method=cfg.adapt.name, method_params=adapt, stream=cfg.stream.name, stream_params=stream,
         batch_size=cfg.batch_size, num_examples=cfg.num_examples, seed=cfg.seed,
         device=cfg.device, num_threads=cfg.num_threads, cache_dir=cache_dir,
-        baseline=cfg.baseline, force=cfg.force, progress=cfg.progress, config=config,
+        baseline=cfg.baseline, force=cfg.force, progress=cfg.progress,
+        label_free=OmegaConf.to_container(cfg.label_free, resolve=True), config=config,
     )
 
 

@@ -44,7 +44,10 @@ def _check_number(name: str, value: Any, low: float, high: float = math.inf, mea
     """``value`` as a float; Python and NumPy reals are accepted (bool is not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number{meaning}, got {type(value).__name__} {value!r}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float's range, e.g. 10**400
+        number = math.inf
     if not (math.isfinite(number) and low <= number <= high):
         valid = f"a finite number >= {low:g}" if high == math.inf else f"a number in [{low:g}, {high:g}]"
         raise ValueError(f"{name} must be {valid}{meaning}, got {value!r}")
@@ -203,7 +206,9 @@ class _AdaptiveBatchNormMixin:
         self.register_buffer("source_mean", None, persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("source_var", None, persistent=False)  # type: ignore[attr-defined]
         # Float32 EMA estimate for fp16/bf16 running buffers: (running_mean, running_var,
-        # their versions when written, mean, var); valid while the buffers are unchanged.
+        # copies of what was written to them, mean, var); valid element by element where the
+        # buffers still hold what was written (checked by content: writes through ``.data``
+        # do not bump ``_version``).
         self._ema_shadow: tuple[Any, ...] | None = None
         self._stats = "source"
         self.prior = 16.0
@@ -361,14 +366,16 @@ class _AdaptiveBatchNormMixin:
     # ------------------------------------------------------------------ running statistics
     def _running_stats(self) -> tuple[Tensor, Tensor]:
         """``running_mean``/``running_var`` in float32 (float64 buffers stay float64); for
-        fp16/bf16 buffers the float32 EMA estimate while the buffers hold what EMA wrote."""
+        fp16/bf16 buffers the float32 EMA estimate for the elements that still hold what EMA
+        wrote (compared by content, C elements, no device synchronisation)."""
         mean, var = self.running_mean, self.running_var  # type: ignore[attr-defined]
-        shadow = self._ema_shadow
-        if (shadow is not None and not torch.compiler.is_compiling() and shadow[0] is mean and shadow[1] is var
-                and shadow[2] == (mean._version, var._version)):
-            return shadow[3], shadow[4]
         acc = torch.promote_types(mean.dtype, torch.float32)
-        return mean.to(acc), var.to(acc)
+        shadow = self._ema_shadow
+        if shadow is None or torch.compiler.is_compiling() or shadow[0] is not mean or shadow[1] is not var:
+            return mean.to(acc), var.to(acc)
+        written_mean, written_var, ema_mean, ema_var = shadow[2:]
+        return (torch.where(mean == written_mean, ema_mean, mean.to(acc)),
+                torch.where(var == written_var, ema_var, var.to(acc)))
 
     @torch.no_grad()
     def _write_running(self, mean: Tensor, var: Tensor) -> None:
@@ -387,7 +394,7 @@ class _AdaptiveBatchNormMixin:
         running_mean.copy_(mean.clamp(-largest, largest))
         running_var.copy_(var.clamp(max=largest))
         if not torch.compiler.is_compiling() and self._owns_buffers():
-            self._ema_shadow = (running_mean, running_var, (running_mean._version, running_var._version),
+            self._ema_shadow = (running_mean, running_var, running_mean.clone(), running_var.clone(),
                                 mean.detach(), var.detach())
 
     # ------------------------------------------------------------------ forward

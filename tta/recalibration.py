@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -185,7 +188,8 @@ def recalibrate(
             ``(N, C, H, W)``) or ``(input, target, ...)`` tuples/lists, e.g. a list, a
             DataLoader or a generator; batches are moved to the model's device. Empty batches
             are skipped.
-        max_batches: pull at most this many batches from ``data`` (never one more).
+        max_batches: pull at most this many batches from ``data`` (never one more); a Python or
+            NumPy int (``exact`` likewise takes a bool or ``np.bool_``).
         prior: weigh the previous running statistics as this many samples (partial
             recalibration); ``None`` or 0 replaces them.
         exact: if False, one pass in which every layer normalises with the current batch's
@@ -210,11 +214,15 @@ def recalibrate(
     statistics of all ranks' data; a rank without batches contributes nothing, and if one
     rank fails, all raise (none waits for the others).
     """
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    # NumPy integers and booleans count, as everywhere in the API (tta.methods.base.check_int)
+    if max_batches is not None and (isinstance(max_batches, (bool, np.bool_)) or not isinstance(max_batches, numbers.Integral)
+                                    or not 1 <= max_batches <= sys.maxsize):
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r} (at most {sys.maxsize})")
+    max_batches = None if max_batches is None else int(max_batches)
     prior = None if prior is None else _check_prior(prior)
-    if not isinstance(exact, bool):
+    if not isinstance(exact, (bool, np.bool_)):
         raise TypeError(f"exact must be a bool, got {exact!r}")
+    exact = bool(exact)
     if isinstance(data, Tensor):
         raise TypeError(f"recalibrate: data must be an iterable of batches (a list of input tensors, a DataLoader), "
                         f"got a single tensor of shape {tuple(data.shape)}; pass [x] or x.split(batch_size)")

@@ -20,11 +20,13 @@ from tta.evaluation.metrics import (NUM_BINS, baseline_errors, corruption_errors
                                     mean_corruption_error)
 from tta.evaluation.results import (CellCache, JsonCache, content_hash, corruption_code_hash,
                                     finished, locked, model_hash, read_json, write_results)
-from tta.evaluation.runner import Cell, build_adapter, evaluate, method_hparams
+from tta.evaluation.runner import Cell, LabelFree, build_adapter, evaluate, method_hparams
 from tta.evaluation.streams import get_stream
+from tta.label_free import AccuracyEstimator
 
-__all__ = ["SEVERITIES", "CHANCE_MARGIN", "run_benchmark", "load_images", "build_model",
-           "check_cells", "read_baseline", "chance_accuracy", "resolve_device", "summarize"]
+__all__ = ["SEVERITIES", "CHANCE_MARGIN", "LABEL_FREE", "run_benchmark", "load_images", "build_model",
+           "check_cells", "read_baseline", "chance_accuracy", "resolve_device", "summarize",
+           "label_free_params"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,13 @@ CHANCE_MARGIN = 0.05
 # version of the cached clean/source metric records (part of their key): bump it whenever
 # their fields change, so that old records are recomputed instead of misread
 RECORD_VERSION = 2
+
+# label-free estimates per cell (docs/label_free.md); the defaults of conf/evaluate.yaml's
+# label_free section. The estimator is fitted on the first fit_examples labelled images of
+# split fit_split of the clean dataset (Fashion-MNIST: its train split), clean and under the
+# synthetic shifts corruptions x severities (null: all 19), never on the evaluated images.
+LABEL_FREE = {"enabled": False, "fit_split": "train", "fit_examples": 1000, "corruptions": None,
+              "severities": [1, 2, 3, 4, 5]}
 
 
 def resolve_device(device: str) -> str:
@@ -232,12 +241,20 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+# optional per-cell fields: label-free estimates and the prior chosen per batch
+_ESTIMATE_KEYS = ("estimated_accuracy", "source_estimated_accuracy", "shift_score")
+_OPTIONAL_CELL_KEYS = (*_ESTIMATE_KEYS, "chosen_prior", "chosen_prior_histogram")
+
+
 def summarize(cells: Sequence[Mapping[str, Any]], clean_accuracy: float | None) -> dict[str, Any]:
     """Means of the per-cell metrics; ``gap_closed`` of the mean is mean recovered over
     (clean accuracy - mean source accuracy), a ratio of means."""
     keys = ("source_accuracy", "accuracy", "recovered", "source_error", "error",
             "source_ece", "ece")
     out = {k: _mean([c[k] for c in cells]) for k in keys}
+    for k in _ESTIMATE_KEYS:  # label-free runs only
+        if any(k in c for c in cells):
+            out[k] = _mean([c.get(k) for c in cells])
     out["gap_closed"] = _gap_closed(out["recovered"], clean_accuracy, out["source_accuracy"])
     return out
 
@@ -259,6 +276,55 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def label_free_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``label_free`` settings completed with :data:`LABEL_FREE`, checked (ValueError
+    naming the bad key or value and the valid ones)."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(LABEL_FREE))
+    if unknown:
+        raise ValueError(f"unknown label_free key(s) {unknown}; valid keys are: {', '.join(LABEL_FREE)}")
+    full = {**LABEL_FREE, **params}
+    if not isinstance(full["enabled"], bool):
+        raise ValueError(f"label_free.enabled must be true or false, got {full['enabled']!r}")
+    if not isinstance(full["fit_split"], str):
+        raise ValueError(f"label_free.fit_split must be a split name (train, test), got {full['fit_split']!r}")
+    examples = full["fit_examples"]
+    if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
+        raise ValueError(f"label_free.fit_examples must be a positive int or null, got {examples!r}")
+    if full["corruptions"] is not None:
+        full["corruptions"] = [full["corruptions"]] if isinstance(full["corruptions"], str) else list(full["corruptions"])
+    if isinstance(full["severities"], int):
+        full["severities"] = [full["severities"]]
+    try:
+        check_cells(full["corruptions"] or list(tta.CORRUPTIONS), full["severities"])
+    except ValueError as error:
+        raise ValueError(f"label_free: {error}") from None
+    return full
+
+
+def _fit_estimator(net: nn.Module, images: Tensor, targets: Tensor, settings: Mapping[str, Any],
+                   batch_size: int, device: str, progress: bool) -> AccuracyEstimator:
+    """:func:`tta.fit_accuracy_estimator` on labelled source images (uint8) in test batches."""
+    x = images.float() / 255
+    batches = list(zip(x.split(batch_size), targets.split(batch_size)))
+    return tta.fit_accuracy_estimator(copy.deepcopy(net).to(device), batches, corruptions=settings["corruptions"],
+                                      severities=settings["severities"], progress=progress)
+
+
+def _valid_estimator(record: Any) -> bool:
+    try:
+        AccuracyEstimator.from_dict(record)
+        return True
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
+def _label_free_code_hash() -> str:
+    """Hash of the tta.label_free sources: a cached estimator of other code is refitted."""
+    root = Path(tta.label_free.__file__).parent
+    return content_hash(*(path.read_bytes() for path in sorted(root.glob("*.py"))))
 
 
 def _versions() -> dict[str, str]:
@@ -304,6 +370,7 @@ def run_benchmark(
     force: bool = False,
     progress: bool = True,
     num_threads: int | None = None,
+    label_free: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Runs one benchmark job and writes ``results.json``/``results.csv`` into ``output_dir``.
@@ -315,6 +382,12 @@ def run_benchmark(
     cells and the source model's metrics are cached under ``cache_dir`` by content hash.
     If ``output_dir`` already holds results of the same ``config`` the job is skipped (unless
     ``force``) and those results are returned.
+
+    ``label_free`` (keys of :data:`LABEL_FREE`; ``enabled`` false by default) adds, per cell,
+    the label-free accuracy estimates of the adapted and of the source model and the shift
+    score (docs/label_free.md): the estimator is fitted once on labelled source data (the
+    clean dataset's ``fit_split``, which must not be the evaluated split) and cached under
+    ``cache_dir`` by model and data content; two more forward passes per test batch.
 
     Returns:
         the results dict written to ``results.json`` (schema in docs/evaluation.md).
@@ -335,6 +408,7 @@ def run_benchmark(
         raise ValueError(f"unknown corruption preset {preset!r}; valid presets are: "
                          f"{', '.join(tta.PRESETS)} (or null for the dataset's default)")
     baseline_cells = None if baseline is None else read_baseline(baseline, dataset, grid)
+    label_free = label_free_params(label_free)
     device = resolve_device(device)
     if num_threads:
         torch.set_num_threads(int(num_threads))
@@ -380,6 +454,22 @@ def run_benchmark(
     if stream_def.uses_clean and clean_images is None:
         raise ValueError(f"stream={stream} interleaves clean images, but dataset {dataset!r} has "
                          "none (set dataset.clean)")
+    # label-free: labelled source data for the estimator, never the evaluated split
+    fit_images = fit_targets = None
+    if label_free["enabled"]:
+        if clean_name is None:
+            raise ValueError(f"label_free needs labelled clean source data to fit its estimator, but dataset "
+                             f"{dataset!r} has none (set dataset.clean)")
+        if label_free["fit_split"] == dataset_split:
+            raise ValueError(f"label_free.fit_split={dataset_split!r} is the evaluated split: the estimator must "
+                             f"never see the evaluated labels; use another labelled split (e.g. train)")
+        try:
+            fit_images, fit_targets = _images(_open(
+                clean_name, split=label_free["fit_split"], root=clean_dataset_root if precorrupted else dataset_root,
+                num_examples=label_free["fit_examples"], **({} if precorrupted else dataset_kwargs)))
+        except ValueError as error:
+            raise ValueError(f"label_free (fitting data {clean_name!r}, split {label_free['fit_split']!r}, "
+                             f"fit_examples={label_free['fit_examples']}): {error}") from None
     # a stream that selects the images (imbalance): every cell, the clean images and the source
     # metrics use the same subset
     subset = None if stream_def.subset is None else stream_def.subset(targets, seed, **stream_params)
@@ -397,6 +487,11 @@ def run_benchmark(
     fingerprints = {"model": model_hash(net), "data": data_key, "corruption_code": code_key,
                     "baseline": None if baseline_cells is None else content_hash(
                         sorted(baseline_errors(grid, baseline_cells).items()))}
+    if label_free["enabled"]:  # the estimator: model, fitting data and settings, code
+        fingerprints["label_free"] = content_hash(
+            "label-free estimator", fingerprints["model"], fit_images, fit_targets, batch_size,
+            label_free["corruptions"], label_free["severities"], torch.device(device).type,
+            corruption_code_hash(), _label_free_code_hash())
     if not force and config is not None and finished(output_dir, config, fingerprints):
         logger.info("skipping: %s already holds these results (force=true to redo)", output_dir)
         stored = read_json(output_dir / "results.json")
@@ -417,7 +512,8 @@ def run_benchmark(
              f"robustness to a shift of its own data")
 
     # the adapted model, built now so that a bad hyper-parameter fails before any evaluation
-    adapter = None if method == "source" else build_adapter(
+    # (source too when the label-free estimates need its stream of batches)
+    adapter = None if method == "source" and not label_free["enabled"] else build_adapter(
         copy.deepcopy(net), method, method_params, source_images=clean_images, device=device)
     cell_cache = CellCache(cache_dir)
     source_cache = JsonCache(cache_dir, "source")
@@ -480,6 +576,44 @@ def run_benchmark(
              f"labels): model {model_name!r} does not solve {dataset!r}, so the accuracy "
              f"recovered and gap_closed mean nothing")
 
+    # label-free: the estimator (fitted once, cached) and the shift score of every cell (cached)
+    estimator = label_free_info = None
+    if label_free["enabled"]:
+        label_free_cache, score_cache = JsonCache(cache_dir, "label_free"), JsonCache(cache_dir, "shift_score")
+        reference = copy.deepcopy(net).to(device).eval()
+        estimator_record = label_free_cache.get(fingerprints["label_free"], check=_valid_estimator)
+        fit_seconds = None
+        if estimator_record is None:
+            logger.info("fitting the label-free accuracy estimator on %d labelled %s %s images",
+                        len(fit_targets), clean_name, label_free["fit_split"])
+            fit_start = time.perf_counter()
+            estimator = _fit_estimator(net, fit_images, fit_targets, label_free, batch_size, device, progress)
+            fit_seconds = time.perf_counter() - fit_start
+            label_free_cache.put(fingerprints["label_free"], estimator.to_dict())
+        else:
+            estimator = AccuracyEstimator.from_dict(estimator_record)
+        diagnosis_start = time.perf_counter()
+
+        def shift_score(key: str | None, load) -> float:
+            record_key = content_hash("shift score", fingerprints["model"], key, subset_key)
+            record = score_cache.get(record_key, check=lambda r: isinstance(r, dict) and isinstance(
+                r.get("shift_score"), float) and r["shift_score"] >= 0)
+            if record is None:
+                images = load()
+                record = {"shift_score": tta.diagnose(reference, (images.float() / 255).split(batch_size)).score}
+                score_cache.put(record_key, record)
+            return record["shift_score"]
+
+        scores = [shift_score(cell_keys[c, s], cell.load) for (c, s), cell in zip(grid, cells)]
+        clean_score = None if clean_images is None else shift_score(clean_key, lambda: clean_images)
+        label_free_info = {
+            "estimator": {"method": estimator.method, "fit_dataset": clean_name, "fit_split": label_free["fit_split"],
+                          **{k: estimator.info.get(k) for k in ("num_samples", "shifts", "corruptions", "severities",
+                                                                "batch_size", "clean_accuracy")}},
+            "regression": "source" if method == "source" else "batch",
+            "clean_shift_score": clean_score, "fit_seconds": fit_seconds,
+            "diagnosis_seconds": time.perf_counter() - diagnosis_start}
+
     # the adapted model
     stream_clean = None
     if adapter is None:  # source; images_per_second is null when every cell came from the cache
@@ -492,8 +626,14 @@ def run_benchmark(
         stream_cells = cells + ([Cell("clean", 0, clean_images)] if stream_def.uses_clean else [])
         run = evaluate(adapter.model, stream_cells, targets, method=adapter, stream=stream,
                        stream_params=stream_params, batch_size=batch_size, device=device,
-                       seed=seed, num_classes=num_classes, progress=progress)
+                       seed=seed, num_classes=num_classes, progress=progress,
+                       label_free=None if estimator is None else LabelFree(
+                           estimator, reference, label_free_info["regression"]))
         adapted, seconds, hparams = run["cells"][:len(cells)], run["seconds"], run["hparams"]
+        if label_free_info is not None:
+            label_free_info["seconds"] = run["label_free_seconds"]
+            for cell, score in zip(adapted, scores):
+                cell["shift_score"] = score
         if stream_def.uses_clean:
             clean_run = run["cells"][-1]
             stream_clean = {"accuracy": clean_run["accuracy"], "num_examples": clean_run["num_examples"]}
@@ -511,6 +651,7 @@ def run_benchmark(
             "source_error": src["error"], "error": ada["error"],
             "source_ece": src["ece"], "ece": ada["ece"],
             "source_confusion": src["confusion"], "confusion": ada["confusion"],
+            **{k: _json_safe(ada[k]) for k in _OPTIONAL_CELL_KEYS if k in ada},
         })
     results: dict[str, Any] = {
         "status": "ok",
@@ -534,6 +675,8 @@ def run_benchmark(
     }
     if stream_clean is not None:
         results["stream_clean"] = stream_clean
+    if label_free_info is not None:
+        results["label_free"] = label_free_info
     if baseline_cells is not None:
         for c, ce in corruption_errors(rows, baseline_cells).items():
             results["per_corruption"][c]["ce"] = ce

@@ -33,7 +33,8 @@ from tta.evaluation.results import ERROR_JSON, RESULTS_JSON, atomic_write_bytes,
 
 __all__ = ["load_runs", "group_key", "group_runs", "label_runs", "wilson_interval",
            "recovered_table", "accuracy_tables", "summary_table", "markdown_table",
-           "recovered_heatmap", "severity_plot", "write_report", "Entry", "Group"]
+           "label_free_tables", "chosen_prior_tables", "recovered_heatmap", "severity_plot",
+           "estimate_plot", "write_report", "Entry", "Group"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ HEATMAP_CMAP = "RdBu"  # diverging, colour-blind safe (ColorBrewer); red = lost,
 _LABEL_KEYS = (("stream", None), ("batch_size", "bs"), ("num_examples", "n"),
                ("dataset", None), ("model", None))
 _CELL_KEYS = ("corruption", "severity", "source_accuracy", "accuracy", "recovered")
+# optional cell keys of label-free runs (docs/label_free.md): fractions, and the shift score >= 0
+_ESTIMATE_KEYS = ("source_estimated_accuracy", "estimated_accuracy")
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -66,10 +69,31 @@ def _problem(run: Any) -> str | None:
             return f"cells[{i}] has non-numeric {bad or ['severity']}"
         if not 0 <= cell["source_accuracy"] <= 1 or not 0 <= cell["accuracy"] <= 1:
             return f"cells[{i}] has an accuracy outside [0, 1]"
+        for key, high in [(k, 1.0) for k in _ESTIMATE_KEYS] + [("shift_score", math.inf)]:
+            value = cell.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 <= value <= high):
+                return f"cells[{i}] has {key} {value!r}, not a number in [0, {high:g}]"
+        prior = cell.get("chosen_prior")
+        if prior is not None and prior != "inf" and (isinstance(prior, bool) or not isinstance(prior, (int, float))
+                                                     or not 0 <= prior < math.inf):
+            return f"cells[{i}] has chosen_prior {prior!r}, not a number >= 0 or 'inf'"
+        histogram = cell.get("chosen_prior_histogram", {})
+        if not isinstance(histogram, dict) or not all(_is_prior(n) and type(k) is int and k >= 0
+                                                      for n, k in histogram.items()):
+            return f"cells[{i}] has chosen_prior_histogram {histogram!r}, not {{prior N: batches}}"
     clean = run.get("clean_accuracy")
     if clean is not None and (not isinstance(clean, (int, float)) or not 0 <= clean <= 1):
         return f"clean_accuracy must be null or in [0, 1], got {clean!r}"
     return None
+
+
+def _is_prior(text: Any) -> bool:
+    """Whether ``text`` is a histogram key of ``chosen_prior_histogram``: a number >= 0 or "inf"."""
+    try:
+        return float(text) >= 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _read(file: Path) -> tuple[Any, str | None]:
@@ -469,15 +493,70 @@ def summary_table(group: Group) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def label_free_tables(group: Group) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Per entry whose cells carry label-free estimates: one row per cell with the shift score
+    and the measured beside the estimated accuracy (%), of the source and the adapted model,
+    then the means over cells and the mean absolute error of the estimates (points); mean
+    over seeds."""
+    keys = ("source_accuracy", "source_estimated_accuracy", "accuracy", "estimated_accuracy")
+    header = ["corruption", "severity", "shift score", "source acc", "source est.", "accuracy", "estimated"]
+    tables = {}
+    for entry in group.entries:
+        if not any(k in c for r in entry.runs for c in r["cells"] for k in _ESTIMATE_KEYS):
+            continue
+        cells = list(dict.fromkeys((c["corruption"], int(c["severity"])) for r in entry.runs for c in r["cells"]))
+        values = {cell: {k: _mean(_cell_mean(r, k, *cell) for r in entry.runs) for k in ("shift_score", *keys)}
+                  for cell in cells}
+        rows = [[c, s, "-" if v["shift_score"] is None else f"{v['shift_score']:.3g}", *(_pct(v[k]) for k in keys)]
+                for (c, s), v in values.items()]
+        rows.append(["mean", "", "", *(_pct(_mean(v[k] for v in values.values())) for k in keys)])
+        errors = {k: _mean(abs(v[k] - v[m]) for v in values.values() if v[k] is not None and v[m] is not None)
+                  for k, m in (("source_estimated_accuracy", "source_accuracy"), ("estimated_accuracy", "accuracy"))}
+        rows.append(["mean abs. error (points)", "", "", "", _pct(errors["source_estimated_accuracy"]), "",
+                     _pct(errors["estimated_accuracy"])])
+        tables[entry.label] = (header, rows)
+    return tables
+
+
+def chosen_prior_tables(group: Group) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Per entry that chose its prior N per batch (``blend`` with ``prior=auto``): the cell's
+    ``chosen_prior`` (lower median over its batches; ``inf`` = source statistics) per corruption
+    x severity (seeds that differ joined by ``/``), and a last row with the histogram of the
+    choices over all cells and batches."""
+    severities = _severities(group.runs)
+    tables = {}
+    for entry in group.entries:
+        if not any("chosen_prior" in c for r in entry.runs for c in r["cells"]):
+            continue
+        rows, histogram = [], {}
+        for corruption in _corruptions(entry.runs):
+            row = [corruption]
+            for severity in severities:
+                chosen = [_short(c["chosen_prior"]) for r in entry.runs for c in _cells(r, corruption, severity)
+                          if c.get("chosen_prior") is not None]
+                row.append("/".join(dict.fromkeys(chosen)) or "-")
+            rows.append(row)
+        for run in entry.runs:
+            for cell in run["cells"]:
+                for n, count in _dict(cell.get("chosen_prior_histogram")).items():
+                    histogram[n] = histogram.get(n, 0) + count
+        order = sorted(histogram, key=lambda n: float(n))
+        rows.append(["all cells: N (batches)", " ".join(f"{n} ({histogram[n]})" for n in order),
+                     *[""] * (len(severities) - 1)])
+        tables[entry.label] = (["corruption", *(f"severity {s}" for s in severities)], rows)
+    return tables
+
+
 _CSV_COLUMNS = ["group", "label", "method", "params", "stream", "batch_size", "num_examples",
                 "dataset", "model", "seed", "corruption", "severity", "clean_accuracy",
                 "source_accuracy", "source_accuracy_ci95_low", "source_accuracy_ci95_high",
                 "accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "recovered", "gap_closed",
                 "source_error", "error", "source_ece", "ece", "source_worst_class_accuracy",
-                "worst_class_accuracy", "run_id", "path"]
+                "worst_class_accuracy", "shift_score", "source_estimated_accuracy",
+                "estimated_accuracy", "chosen_prior", "run_id", "path"]
 
 _MEAN_COLUMNS = ("source_accuracy", "accuracy", "recovered", "source_error", "error",
-                 "source_ece", "ece")
+                 "source_ece", "ece", "shift_score", *_ESTIMATE_KEYS)
 
 
 def _report_csv(groups: Sequence[Group]) -> str:
@@ -609,6 +688,8 @@ def _grids(group: Group) -> list[tuple[str, Any]]:
         if run["method"] != "blend" or params.get("alpha") is not None or "prior" not in params:
             continue
         prior = params.pop("prior")
+        if not isinstance(prior, (int, float)):  # "auto": chosen per batch, not a grid point
+            continue
         setting = json.dumps([run.get("stream"), run.get("stream_params"), params],
                              sort_keys=True, default=str)
         settings.setdefault(setting, {}).setdefault(
@@ -635,6 +716,46 @@ def _grids(group: Group) -> list[tuple[str, Any]]:
                      fontsize=9)
         figures.append(("" if len(figures) == 0 else f"_{len(figures) + 1}", fig))
     return figures
+
+
+def estimate_plot(group: Group):
+    """Figure, or None when no run has label-free estimates: estimated against measured
+    accuracy (%), one point per cell (mean over seeds) for every entry's adapted model (filled)
+    and its source model (hollow, same colour: its estimate depends on the entry's batches);
+    the diagonal (a perfect estimate) dashed; the legend gives each series' mean absolute error."""
+    series = []
+    for number, entry in enumerate(group.entries):
+        cells = list(dict.fromkeys((c["corruption"], int(c["severity"])) for r in entry.runs for c in r["cells"]))
+        for measured, estimated, label in (("accuracy", "estimated_accuracy", entry.label),
+                                           ("source_accuracy", "source_estimated_accuracy", f"{entry.label}: source model")):
+            if entry.runs[0]["method"] == "source" and measured == "accuracy":
+                continue  # the same points as its source series
+            points = [(_mean(_cell_mean(r, measured, *cell) for r in entry.runs),
+                       _mean(_cell_mean(r, estimated, *cell) for r in entry.runs)) for cell in cells]
+            points = [(100 * x, 100 * y) for x, y in points if x is not None and y is not None]
+            if points:
+                series.append((label, points, measured == "source_accuracy", number))
+    if not series:
+        return None
+    plt = _pyplot()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    ax.plot([0, 100], [0, 100], "k--", linewidth=1, label="estimated = measured")
+    for label, points, hollow, number in series:
+        error = sum(abs(x - y) for x, y in points) / len(points)
+        xs, ys = zip(*points)
+        color = colors[number % len(colors)]
+        ax.scatter(xs, ys, s=20, label=f"{label}: mean abs. error {error:.1f} points", edgecolors=color,
+                   facecolors="none" if hollow else color)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_aspect("equal")
+    ax.set_xlabel("measured accuracy (%), with labels")
+    ax.set_ylabel("label-free estimated accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
+    ax.set_title(_heading(group, "Label-free estimate against measured accuracy, per cell"), fontsize=9)
+    return fig
 
 
 def _save(fig, path: Path) -> Path:
@@ -749,10 +870,23 @@ def write_report(paths: Iterable[str | Path], out: str | Path, plots: bool = Tru
                              markdown_table(*recovered_table(group, severity))]
         for severity, table in accuracy_tables(group).items():
             sections += ["", f"{h} Accuracy (%) at severity {severity}", "", markdown_table(*table)]
+        for label, table in chosen_prior_tables(group).items():
+            sections += ["", f"{h} Prior N chosen without labels: {label}", "",
+                         "Per cell the lower median of the N chosen for its batches (`inf`: source "
+                         "statistics); last row: how many batches got each N.", "", markdown_table(*table)]
+        for label, table in label_free_tables(group).items():
+            sections += ["", f"{h} Label-free accuracy estimates: {label}", "",
+                         "Estimated without any test label (docs/label_free.md) beside the accuracy "
+                         "measured with them (%); shift score: symmetric KL of the last BatchNorm "
+                         "layer's input statistics from the source statistics (nats, ~0 on source-like "
+                         "data).", "", markdown_table(*table)]
         if plots:
             figures = [("recovered_heatmap", recovered_heatmap(group)),
                        ("accuracy_vs_severity", severity_plot(group))]
             figures += [(f"prior_batch_grid{suffix}", fig) for suffix, fig in _grids(group)]
+            estimates = estimate_plot(group)
+            if estimates is not None:
+                figures.append(("estimated_vs_measured", estimates))
             written = [_save(fig, out / f"{stem}{group.name}.png") for stem, fig in figures]
             files += written
             sections += ["", f"{h} Plots", ""] + [f"![{f.stem}]({f.name})" for f in written]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -13,8 +15,9 @@ from tqdm.auto import tqdm
 import tta.methods
 from tta.evaluation.metrics import NUM_BINS, CalibrationCounts, ConfusionCounts
 from tta.evaluation.streams import get_stream
+from tta.label_free import AccuracyEstimator, observe
 
-__all__ = ["Cell", "evaluate", "method_hparams", "build_adapter", "SWEEP_KEYS"]
+__all__ = ["Cell", "LabelFree", "evaluate", "method_hparams", "build_adapter", "SWEEP_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,48 @@ class _Batches:
         for begin in range(0, self.stop, self.size):
             part = self.order[begin:min(begin + self.size, self.stop)]
             yield _to_float(self.stacked[part[:, 0], part[:, 1]], self.device)
+
+
+@dataclass
+class LabelFree:
+    """Label-free accuracy estimates per cell inside :func:`evaluate` (docs/label_free.md).
+
+    For every test batch ``x``, the *unadapted* ``model`` gives the predictions with source and
+    with batch statistics (:func:`tta.label_free.observe`: two forward passes, nothing
+    changed, no label read), and ``estimator`` scores, per sample, the probability that the
+    adapted model's prediction (the loop's logits) is right, with its fitted regression
+    ``config``, and that the source model's is (regression ``"source"``).
+
+    Args:
+        estimator: fitted on labelled source data (:func:`tta.fit_accuracy_estimator`), at
+            the evaluated batch size.
+        model: the model before adaptation (not the adapter's, whose statistics or weights
+            may have moved), on the evaluation device; it is not changed.
+        config: the regression that scores the adapted predictions: ``"source"`` for an
+            unadapted model, ``"batch"`` (default) for every adapting method (fitted on
+            batch-statistics predictions, the nearest fitted configuration).
+    """
+
+    estimator: AccuracyEstimator
+    model: nn.Module
+    config: str = "batch"
+
+    def correctness(self, x: Tensor, logits: Tensor) -> Tensor:
+        """(B, 2) float64: estimated probability that the adapted / the source prediction of
+        each sample of ``x`` (B, C, H, W) is right; ``logits`` (B, K) are the adapted ones."""
+        obs = observe(self.model, [x], batch_pass=True, what="label-free estimate")
+        source, batch = obs.source_logits[0], obs.batch_logits[0]
+        adapted = self.estimator.sample_correctness(logits.float().cpu(), source, batch, self.config)
+        return torch.stack([adapted, self.estimator.sample_correctness(source, source, batch, "source")], 1)
+
+
+def _chosen(priors: list[float]) -> dict[str, Any]:
+    """A cell's record of the per-batch prior choices: their lower median (a candidate) and
+    histogram (``"inf"``: source statistics)."""
+    if not priors:
+        return {"chosen_prior": None, "chosen_prior_histogram": {}}
+    return {"chosen_prior": statistics.median_low(priors),
+            "chosen_prior_histogram": {f"{n:g}": k for n, k in sorted(Counter(priors).items())}}
 
 
 # adapt.* keys that every method accepts from the config and drops when it does not have them,
@@ -128,6 +173,7 @@ def evaluate(
     num_bins: int = NUM_BINS,
     num_classes: int | None = None,
     source_images: Tensor | None = None,
+    label_free: LabelFree | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     r"""Evaluates ``model`` adapted by ``method`` on the ``cells`` in the order of ``stream``.
@@ -154,13 +200,21 @@ def evaluate(
         num_bins: confidence bins of the ECE.
         num_classes: the number of classes C; None: the model's output width.
         source_images: clean uint8 images for methods that take in-distribution data.
+        label_free: also estimate every cell's accuracy without labels (:class:`LabelFree`).
         progress: show a tqdm progress bar.
 
     Returns:
         ``{"cells": [{"corruption", "severity", "num_examples", "accuracy", "error", "ece",
         "confusion"}], "num_images": int, "seconds": float, "hparams": dict}`` with accuracies
         as fractions and ``confusion`` a C x C list of ints (row: true class, column: predicted
-        class); ``hparams``: the method's hyper-parameters as used.
+        class); ``hparams``: the method's hyper-parameters as used. An adapter that chooses a
+        hyper-parameter per batch (``chosen_priors`` not None: ``blend`` with
+        ``prior="auto"``) adds to each cell ``chosen_prior`` (the lower median of the N chosen
+        for the batches holding its images, ``math.inf`` = source statistics) and
+        ``chosen_prior_histogram`` (``{"16": batches, "inf": batches}``). With ``label_free``
+        each cell has ``estimated_accuracy`` (the adapted model) and
+        ``source_estimated_accuracy`` (the unadapted model), fractions, and the result
+        ``label_free_seconds``, the time of those passes (not in ``seconds``).
 
     Raises:
         ValueError: the model's output width is not ``num_classes``, or a label does not fit it.
@@ -177,6 +231,10 @@ def evaluate(
     else:
         adapter = build_adapter(model, method, method_params, source_images=source_images, device=device)
     fits = type(adapter).fit is not tta.Adapter.fit
+    chooses = getattr(adapter, "chosen_priors", None) is not None
+    chosen: list[list[float]] = [[] for _ in cells]
+    estimated = torch.zeros(len(cells), 2, dtype=torch.float64)
+    label_free_seconds = 0.0
     counts = CalibrationCounts(len(cells), num_bins)
     confusion = None  # sized by the first logits
     keys = [(cell.corruption, int(cell.severity)) for cell in cells]
@@ -203,16 +261,26 @@ def evaluate(
             adapter.fit(batches(adapter.hparams.get("batch_size", batch_size), adapter.hparams.get("num_images")))
         for begin in range(0, len(order), batch_size):
             part = order[begin:begin + batch_size]
+            x = _to_float(stacked[part[:, 0], part[:, 1]], device)
             with torch.set_grad_enabled(adapter.needs_grad):
-                logits = adapter(_to_float(stacked[part[:, 0], part[:, 1]], device)).detach()
+                logits = adapter(x).detach()
             if confusion is None:
                 confusion = _confusion(len(cells), num_classes, logits.shape[-1])
-            labels, groups = targets[part[:, 1]], cell_index[part[:, 0]]
+            groups = cell_index[part[:, 0]]
+            if chooses:
+                prior = adapter.chosen_priors[-1]
+                for group in groups.unique().tolist():
+                    chosen[group].append(prior)
+            if label_free is not None:  # before the labels are touched
+                label_free_start = time.perf_counter()
+                estimated.index_add_(0, groups, label_free.correctness(x, logits))
+                label_free_seconds += time.perf_counter() - label_free_start
+            labels = targets[part[:, 1]]
             predictions = counts.update(logits, labels.to(logits.device), groups)
             confusion.update(predictions, labels, groups)
             bar.update(len(part))
         del loaded, stacked
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - label_free_seconds
     bar.close()
     accuracy = counts.accuracy()
     ece = counts.ece()
@@ -225,7 +293,17 @@ def evaluate(
          "confusion": confusion.counts[i].tolist()}
         for i, (c, s) in enumerate(keys)
     ]
-    return {"cells": results, "num_images": total, "seconds": seconds, "hparams": dict(adapter.hparams)}
+    for i, cell in enumerate(results):
+        if chooses:
+            cell.update(_chosen(chosen[i]))
+        if label_free is not None:
+            size = max(int(n[i]), 1)
+            cell["estimated_accuracy"] = float(estimated[i, 0]) / size
+            cell["source_estimated_accuracy"] = float(estimated[i, 1]) / size
+    out = {"cells": results, "num_images": total, "seconds": seconds, "hparams": dict(adapter.hparams)}
+    if label_free is not None:
+        out["label_free_seconds"] = label_free_seconds
+    return out
 
 
 def _confusion(num_groups: int, num_classes: int | None, width: int) -> ConfusionCounts:

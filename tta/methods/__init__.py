@@ -54,8 +54,10 @@ def list_methods() -> list[str]:
 def adapt(model: nn.Module, method: str, **hparams: Any) -> Adapter:
     """Wraps ``model`` in test-time adaptation method ``method``.
 
-    ``model`` is modified in place as the method requires (BatchNorm layers converted, the
-    parameters it does not train frozen) and a snapshot is kept for ``reset()``.
+    ``model`` is modified in place as the method requires (BatchNorm layers converted and back
+    on their source statistics, the parameters it does not train frozen, eval mode) and a
+    snapshot is kept for ``reset()``. The model then belongs to the returned adapter: adapt a
+    fresh copy (``copy.deepcopy``) for another method, or ``adapter.release()`` it first.
 
     Args:
         model: a classifier taking float input (N, C, H, W) and returning logits (N, K).
@@ -68,8 +70,11 @@ def adapt(model: nn.Module, method: str, **hparams: Any) -> Adapter:
         ``adapter.reset()`` restores the state right after this call.
 
     Raises:
-        ValueError: unknown method or hyper-parameter (the message lists the valid ones), or
-            a bad value (raised before the model is changed).
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: unknown method or hyper-parameter (the message lists the valid ones), a
+            bad value, a model the method cannot adapt, or a model (or a module of it) already
+            wrapped by a live adapter; raised before the model is changed.
+        RuntimeError: a gradient method built under ``torch.inference_mode()``.
     """
     cls = get_method(method)
     valid = cls.defaults()

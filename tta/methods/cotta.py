@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from tta.methods import register_method
 from tta.methods.base import (Adapter, check_bool, check_int, check_number, check_optimizer_args,
-                              make_optimizer)
+                              check_seed, make_optimizer)
 from tta.methods.tent import configure_batch_statistics
 
 __all__ = ["CoTTA", "cotta_augment"]
@@ -102,13 +102,16 @@ class CoTTA(Adapter):
         num_augmentations: augmented copies averaged (int >= 1). Default 32.
         steps: optimizer steps per batch. Default 1.
         episodic: reset before every batch. Default False.
-        seed: seeds the augmentations and the restore masks (reproducible runs). Default 0.
+        seed: seeds the augmentations and the restore masks (reproducible runs; an int in
+            [0, 2**63)). Default 0.
 
-    State kept: the student's and the teacher's weights, the optimizer state, the random
-    generator. Memory: three copies of the model (student, teacher, anchor).
+    State kept (all in ``state_dict``): the student's and the teacher's weights, the optimizer
+    state, the random generator. Memory: three copies of the model (student, teacher, anchor).
+    A parameter shared by several modules is trained once per step.
     """
 
     needs_grad = True
+    state_attributes = ("_generator",)
 
     def __init__(self, model: nn.Module, *, optimizer: str = "adam", lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9,
@@ -122,32 +125,31 @@ class CoTTA(Adapter):
                         "ap": check_number("ap", ap, low=0.0, high=1.0),
                         "num_augmentations": check_int("num_augmentations", num_augmentations),
                         "steps": check_int("steps", steps), "episodic": check_bool("episodic", episodic),
-                        "seed": check_int("seed", seed, low=0)}
-        configure_batch_statistics(model, self.name)
-        params, self.param_names = [], []
-        for name, param in model.named_parameters():
-            if name.rsplit(".", 1)[-1] in ("weight", "bias"):
-                param.requires_grad_(True)
-                params.append(param)
-                self.param_names.append(name)
+                        "seed": check_seed(seed)}
+        # named_parameters lists a parameter shared by several modules (tied) once
+        self.param_names = [name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in ("weight", "bias")]
+        if not self.param_names:
+            raise ValueError("cotta trains the weight and bias parameters of the model, but it has none")
+        # the copies first: a model that cannot be copied raises before it is changed
+        teacher = copy.deepcopy(model)
+        for copied in (teacher, model):
+            configure_batch_statistics(copied, self.name)
+        self.anchor = copy.deepcopy(teacher)
+        self.teacher = teacher
+        params = [dict(model.named_parameters())[name] for name in self.param_names]
+        for p in params:
+            p.requires_grad_(True)
         self.optimizer = make_optimizer(params, **opt)
-        self.teacher = self._frozen_copy()
-        self.anchor = self._frozen_copy()
         self._source = [p.detach().clone() for p in params]
         self._generator = torch.Generator().manual_seed(self.hparams["seed"])
         self._snapshot()
-
-    def _frozen_copy(self) -> nn.Module:
-        copied = copy.deepcopy(self.model)
-        copied.requires_grad_(False)
-        return copied
 
     def reset_state(self) -> None:
         # the reference re-copies teacher and anchor from the reset student
         self.teacher.load_state_dict(self.model.state_dict())
         self._generator.manual_seed(self.hparams["seed"])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _predict(self, x: Tensor) -> Tensor:
         return self._adapt_steps(x)
 
     @torch.enable_grad()

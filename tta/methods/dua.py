@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from tta.batchnorm import _AdaptiveBatchNormMixin
 from tta.methods import register_method
-from tta.methods.base import Adapter, check_int, check_number
-from tta.surgery import adaptive_layers, convert
+from tta.methods.base import Adapter, batchnorm_layers, check_int, check_number, check_seed, start_from_source
+from tta.surgery import convert
 
 __all__ = ["DUA", "dua_augment"]
 
@@ -59,11 +59,14 @@ class DUA(Adapter):
         floor: minimum momentum added to every step, in [0, 1). Default 0.005.
         num_samples: adapt on the first this many samples of the stream, then only predict
             (None: every sample). Default 80.
-        seed: seeds the augmentations. Default 0.
+        seed: seeds the augmentations (an int in [0, 2**63)). Default 0.
 
-    State kept: the running statistics, the number of samples adapted on, the generator.
-    A batch of n samples is processed as n single samples in order.
+    State kept (all in ``state_dict``): the running statistics, the number of samples adapted
+    on, the current momentum, the generator. A batch of n samples is processed as n single
+    samples in order.
     """
+
+    state_attributes = ("num_adapted", "_momentum", "_generator")
 
     def __init__(self, model: nn.Module, *, num_copies: int = 64, momentum: float = 0.1,
                  decay: float = 0.94, floor: float = 0.005, num_samples: int | None = 80,
@@ -74,15 +77,17 @@ class DUA(Adapter):
                         "decay": check_number("decay", decay, low=0.0, high=1.0, low_open=True),
                         "floor": check_number("floor", floor, low=0.0, high=1.0),
                         "num_samples": check_int("num_samples", num_samples, none=True),
-                        "seed": check_int("seed", seed, low=0)}
+                        "seed": check_seed(seed)}
         if self.hparams["floor"] >= 1.0:
             raise ValueError(f"floor must be < 1, got {floor!r}")
-        model.eval()
-        convert(model, stats="source")
-        untracked = [type(m).__name__ for m in adaptive_layers(model) if m.running_mean is None]
+        layers = {id(m) for m in batchnorm_layers(model) if m.running_mean is None}
+        untracked = [name for name, m in model.named_modules() if id(m) in layers]
         if untracked:
-            raise ValueError("dua updates running statistics, but some BatchNorm layers have "
-                             "track_running_stats=False")
+            raise ValueError("dua updates running statistics, but these BatchNorm layers have "
+                             f"track_running_stats=False: {untracked}")
+        convert(model, stats="source")
+        start_from_source(model)
+        model.eval()
         self._generator = torch.Generator().manual_seed(self.hparams["seed"])
         self.reset_state()
         self._snapshot()
@@ -109,8 +114,7 @@ class DUA(Adapter):
         self.num_adapted += 1
 
     @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        x = self._check_input(x)
+    def _predict(self, x: Tensor) -> Tensor:
         limit = self.hparams["num_samples"]
         count = len(x) if limit is None else max(0, min(len(x), limit - self.num_adapted))
         outputs = []

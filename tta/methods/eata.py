@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from tta.batchnorm import _AdaptiveBatchNormMixin
 from tta.methods import register_method
@@ -140,10 +139,12 @@ class ETA(Adapter):
     probability vector :attr:`probs_ema` (C,) (None before the first selected sample), and the
     sample counts since :func:`tta.adapt` or :meth:`reset`: :attr:`num_reliable` (the reference's
     ``num_samples_update_1``) and :attr:`num_selected` (reliable and non-redundant,
-    ``num_samples_update_2``), counted once per step. :meth:`reset` clears all of them.
+    ``num_samples_update_2``), counted once per step. :meth:`reset` clears all of them. All of
+    it is in ``state_dict``. A parameter shared by several BatchNorm layers is updated once.
     """
 
     needs_grad = True
+    state_attributes = ("probs_ema", "num_reliable", "num_selected")
 
     def __init__(self, model: nn.Module, *, optimizer: str = "adam", lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9,
@@ -167,7 +168,7 @@ class ETA(Adapter):
         self.num_reliable = 0
         self.num_selected = 0
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _predict(self, x: Tensor) -> Tensor:
         return self._adapt_steps(x)
 
     def regularizer(self) -> Tensor | float:
@@ -227,7 +228,8 @@ class EATA(ETA):
     raises before ``model`` is changed.
 
     State kept: as :class:`ETA`, plus :attr:`fishers` and :attr:`anchors` (one tensor per
-    parameter of :attr:`param_names`), computed once in :func:`tta.adapt` and kept by :meth:`reset`.
+    parameter of :attr:`param_names`), computed once in :func:`tta.adapt` and kept by :meth:`reset`
+    (in ``state_dict`` too).
 
     Raises:
         ValueError: ``fisher_images`` missing or empty, or a bad hyper-parameter.
@@ -235,6 +237,7 @@ class EATA(ETA):
     """
 
     source_images = "fisher_images"
+    state_attributes = ETA.state_attributes + ("fishers", "anchors")
 
     def __init__(self, model: nn.Module, *, optimizer: str = "adam", lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9,
@@ -247,8 +250,7 @@ class EATA(ETA):
         fisher = {"fisher_alpha": check_number("fisher_alpha", fisher_alpha, low=0.0, low_open=True),
                   "fisher_images": 0, "fisher_batch_size": check_int("fisher_batch_size", fisher_batch_size)}
         _check_fisher_images(fisher_images)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"tta.adapt: model must be a torch.nn.Module, got {type(model).__name__}")
+        self.check_model(model)
         # on a configured copy: a bad batch raises with `model` untouched
         probe = copy.deepcopy(model)
         probe_params, _ = _configure_batchnorm(probe, self.name)
@@ -268,10 +270,7 @@ class EATA(ETA):
 def _configure_batchnorm(model: nn.Module, method: str) -> tuple[list[nn.Parameter], list[str]]:
     """:func:`configure_batch_statistics`, then the BatchNorm scale and shift unfrozen (tent's
     ``collect_params``); a model without them raises before it is changed."""
-    if any(isinstance(m, _BatchNorm) for m in model.modules()) and not norm_affine_params(model, (_BatchNorm,))[0]:
-        raise ValueError(f"{method} updates the BatchNorm scale and shift, but the model's BatchNorm "
-                         "layers have affine=False")
-    configure_batch_statistics(model, method)
+    configure_batch_statistics(model, method, affine=True)
     params, names = norm_affine_params(model, (_AdaptiveBatchNormMixin,))
     for p in params:
         p.requires_grad_(True)

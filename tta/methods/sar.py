@@ -106,10 +106,12 @@ class SAR(Adapter):
     State kept: the adapted affine parameters, the base optimizer's state, the moving average
     :attr:`loss_ema` (None before the first value or after a recovery), and
     :attr:`num_recoveries`, the number of model recoveries since :func:`tta.adapt` or
-    :meth:`reset` (which clears both).
+    :meth:`reset` (which clears both); all of it in ``state_dict``. A parameter shared by
+    several normalisation layers is updated once per step.
     """
 
     needs_grad = True
+    state_attributes = ("loss_ema", "num_recoveries")
 
     def __init__(self, model: nn.Module, *, optimizer: str = "sgd", lr: float | None = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), momentum: float = 0.9,
@@ -163,7 +165,7 @@ class SAR(Adapter):
         self.loss_ema: float | None = None
         self.num_recoveries = 0
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _predict(self, x: Tensor) -> Tensor:
         return self._adapt_steps(x)
 
     @torch.enable_grad()  # adapt even when called under torch.no_grad(), like the reference

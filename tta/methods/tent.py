@@ -15,26 +15,37 @@ from torch import Tensor, nn
 
 from tta.batchnorm import _AdaptiveBatchNormMixin
 from tta.methods import register_method
-from tta.methods.base import (Adapter, check_bool, check_int, check_optimizer_args, make_optimizer,
-                              norm_affine_params, softmax_entropy)
+from tta.methods.base import (Adapter, batchnorm_layers, check_bool, check_int, check_optimizer_args,
+                              make_optimizer, norm_affine_params, softmax_entropy, start_from_source)
 from tta.surgery import convert
 
 __all__ = ["Tent", "configure_batch_statistics"]
 
 
-def configure_batch_statistics(model: nn.Module, method: str) -> None:
+def configure_batch_statistics(model: nn.Module, method: str, *, affine: bool = False) -> None:
     """Configure ``model`` as the entropy-minimisation references do: every BatchNorm layer
     normalises with the statistics of the current batch (and never updates its running
-    statistics), every parameter is frozen; the caller unfreezes what it trains.
+    statistics, which are the source ones), every parameter is frozen; the caller unfreezes
+    what it trains.
 
     The references call ``model.train()``; tta keeps the model in eval mode instead, so Dropout
     and stochastic depth stay off (as the online-TTA benchmark of Marsden et al. does). For
     models without Dropout the two are the same computation.
+
+    Raises:
+        ValueError: no torch BatchNorm layer, or (``affine``: the method trains the BatchNorm
+            scale and shift) none with a scale or shift; before ``model`` changes.
     """
+    layers = batchnorm_layers(model)
+    if affine and layers and not any(isinstance(getattr(m, k, None), nn.Parameter)
+                                     for m in layers for k in ("weight", "bias")):
+        raise ValueError(f"{method} updates the BatchNorm scale and shift, but the model's BatchNorm "
+                         "layers have affine=False")
     try:
         convert(model, stats="batch")
     except ValueError as error:  # no torch BatchNorm layer
         raise ValueError(f"{method} adapts through BatchNorm layers: {error}") from None
+    start_from_source(model)
     model.eval()
     model.requires_grad_(False)
 
@@ -62,7 +73,8 @@ class Tent(Adapter):
         steps: optimizer steps per batch (int >= 1). Default 1.
         episodic: reset the model and optimizer before every batch. Default False.
 
-    State kept: the adapted BatchNorm affine parameters and the optimizer state.
+    State kept: the adapted BatchNorm affine parameters and the optimizer state (both in
+    ``state_dict``). A parameter shared by several BatchNorm layers is updated once per step.
     """
 
     needs_grad = True
@@ -74,17 +86,14 @@ class Tent(Adapter):
         super().__init__(model)
         opt = check_optimizer_args(optimizer, lr, betas, momentum, nesterov, dampening, weight_decay)
         self.hparams = {**opt, "steps": check_int("steps", steps), "episodic": check_bool("episodic", episodic)}
-        configure_batch_statistics(model, self.name)
+        configure_batch_statistics(model, self.name, affine=True)
         params, self.param_names = norm_affine_params(model, (_AdaptiveBatchNormMixin,))
-        if not params:
-            raise ValueError("tent updates the BatchNorm scale and shift, but the model's BatchNorm "
-                             "layers have affine=False")
         for p in params:
             p.requires_grad_(True)
         self.optimizer = make_optimizer(params, **opt)
         self._snapshot()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _predict(self, x: Tensor) -> Tensor:
         return self._adapt_steps(x)
 
     @torch.enable_grad()  # adapt even when called under torch.no_grad(), like the reference
