@@ -1,5 +1,5 @@
 """Fidelity and speed of tta's snow, frost, fog, spatter and elastic_transform
-against imagecorruptions-imaug (optional dependency: ``pip install tta[reference]``).
+against imagecorruptions-imaug (optional dependency: ``pip install 'tta-bn[reference]'``).
 
 Fidelity: on crops of scikit-image's sample images at 224 px with the imagenet
 preset, the mean absolute deviation (grey levels) from the clean image per

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh Debian machine: the Fashion-MNIST package, a venv in .venv and tta with
-# its test, reference and launcher extras. Safe to re-run: every step is skipped when already done.
+# One-time set-up on a fresh Debian machine: the Fashion-MNIST package, a venv in .venv and tta-bn
+# (import name tta) with its test, reference, launchers and sklearn extras. Safe to re-run: every
+# step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,8 +23,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.tta-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "[setup] installing tta and its dependencies into .venv (torch is large: a few minutes)"
+    echo "[setup] installing tta-bn and its dependencies into .venv (torch is large: a few minutes)"
     .venv/bin/python -m pip install -q --disable-pip-version-check 'torch==2.14.1' 'torchvision==0.29.1'
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,reference,launchers]'
+    # the distribution was called `tta` before (a name taken on PyPI by another project): drop it
+    if .venv/bin/python -m pip show tta >/dev/null 2>&1; then
+        .venv/bin/python -m pip uninstall -q -y --disable-pip-version-check tta
+    fi
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,reference,launchers,sklearn]'
     touch "$stamp"
 fi

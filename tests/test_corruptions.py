@@ -458,3 +458,123 @@ def test_float_input_nan_is_refused_and_half_level_round_off_accepted():
         corrupt(x, "fog", 1)
     x[0, 1, 2, 3], x[0, 0, 0, 0] = 1 + 0.4 / 255, -0.4 / 255  # within half a grey level: clipped
     assert torch.equal(corrupt(x, "contrast", 2), corrupt(x.clamp(0, 1), "contrast", 2))
+
+
+
+# ------------------------------------------------------------- speed paths (issue 12)
+
+def _pillow_jpeg(a: np.ndarray, quality: int) -> np.ndarray:
+    """Pillow's JPEG round trip of an (H, W, C) uint8 image, C in {1, 3}."""
+    buf = io.BytesIO()
+    Image.fromarray(a[..., 0] if a.shape[2] == 1 else a).save(buf, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buf)).reshape(a.shape)
+
+
+def _jpeg_test_images() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    images = [natural_images(s, 2) for s in (32, 64, 224)]
+    images.append(torch.randint(0, 256, (2, 3, 45, 37), generator=g, dtype=torch.uint8))  # partial 16 x 16 blocks
+    return images + [x[:, :1].contiguous() for x in images]  # and grey
+
+
+def _all_jpeg_qualities() -> list[int]:
+    from tta.corruptions._registry import get_corruption
+
+    table = get_corruption("jpeg_compression").params
+    return sorted({q for p in PRESETS for q in table[p]})
+
+
+def test_torchvision_jpeg_is_bit_identical_to_pillow_at_every_quality():
+    # the fact jpeg_compression's torchvision path rests on, over every quality of the three
+    # presets, natural and random images, RGB and grey
+    import warnings
+
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    assert digital._torchvision_jpeg() is not None  # the run-time check agrees in this environment
+    qualities = _all_jpeg_qualities()
+    assert qualities == [7, 10, 15, 18, 25, 40, 50, 58, 65, 80]
+    for quality in qualities:
+        for x in _jpeg_test_images():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ours = decode_jpeg(encode_jpeg(list(x), quality=quality))
+            for img, out in zip(x, ours):
+                ref = _pillow_jpeg(img.permute(1, 2, 0).numpy(), quality)
+                assert np.array_equal(out.permute(1, 2, 0).numpy(), ref), (quality, tuple(img.shape))
+
+
+@pytest.mark.parametrize("torchvision_path", [True, False])
+def test_jpeg_equals_pillow_at_every_size_and_severity(torchvision_path, monkeypatch):
+    if not torchvision_path:  # the Pillow fallback (torchvision's codecs missing or different)
+        monkeypatch.setattr(digital, "_torchvision_jpeg", lambda: None)
+    from tta.corruptions._registry import get_corruption
+
+    table = get_corruption("jpeg_compression").params
+    for x in _jpeg_test_images():
+        preset = default_preset(*x.shape[2:])
+        for severity in (1, 5):
+            quality = table[preset][severity - 1]
+            ours = corrupt(x, "jpeg_compression", severity)
+            as_float = corrupt(x.float() / 255, "jpeg_compression", severity)
+            assert torch.equal(torch.round(as_float * 255).to(torch.uint8), ours)
+            for img, out in zip(x, ours):
+                assert np.array_equal(out.permute(1, 2, 0).numpy(), _pillow_jpeg(img.permute(1, 2, 0).numpy(), quality))
+
+
+def test_torchvision_jpeg_mismatch_falls_back_to_pillow(monkeypatch, caplog):
+    # a torchvision whose round trip differs from Pillow's is refused, loudly, and never used
+    import torchvision.io
+
+    digital._torchvision_jpeg.cache_clear()
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda data: [torch.zeros(1, 1, 1, dtype=torch.uint8)] * len(data))
+    try:
+        with caplog.at_level("WARNING", logger="tta.corruptions.digital"):
+            assert digital._torchvision_jpeg() is None
+        assert "differs from Pillow's" in caplog.text
+    finally:
+        digital._torchvision_jpeg.cache_clear()
+    monkeypatch.undo()
+    assert digital._torchvision_jpeg() is not None
+
+
+def test_pixelate_equals_pillow_on_large_grey_images():
+    # the plane-wise Pillow path (images over 64 x 64) and the grey case
+    x = natural_images(224, 2)[:, :1].contiguous()
+    ours = corrupt(x, "pixelate", 5, preset="imagenet")
+    for img, out in zip(x, ours):
+        small = Image.fromarray(img[0].numpy()).resize((56, 56), Image.BOX)
+        assert np.array_equal(out[0].numpy(), np.asarray(small.resize((224, 224), Image.BOX)))
+
+
+def test_zoom_blur_matches_scipy_zoom_beyond_the_matrix_path():
+    # 72 px: the interpolation path (all images and channels as one NHWC image), imagenet's
+    # strongest factors, chunks of several images
+    from scipy import ndimage
+
+    x = (natural_images(72, 3).double() / 255).float().numpy()
+    factors = blur._zoom_factors(1.31, 0.03)
+    h = x.shape[2]
+    out = x.astype(np.float64)
+    for z in factors:
+        ch = int(np.ceil(h / z))
+        top = (h - ch) // 2
+        for i in range(len(x)):
+            zoomed = ndimage.zoom(x[i][:, top : top + ch, top : top + ch].astype(np.float64), (1, z, z), order=1)
+            trim = (zoomed.shape[1] - h) // 2
+            out[i] += zoomed[:, trim : trim + h, trim : trim + h]
+    ref = out / (len(factors) + 1)
+    ours = blur.zoom_blur(torch.from_numpy(x), factors, None).numpy()
+    assert np.abs(ours - ref).max() < 1e-5
+
+
+def test_defocus_blur_cached_spectrum_follows_the_size():
+    # the kernel spectrum is cached per (kernel, FFT size): alternate sizes stay exact
+    from scipy import ndimage
+
+    k = blur.disk_kernel(6, 0.5)
+    for size in (40, 33, 40):
+        x = natural_images(size, 1).float() / 255
+        ours = blur.defocus_blur(x, (6, 0.5), None)
+        ref = ndimage.correlate(x.double().numpy(), k[None, None].astype(np.float64), mode="mirror")
+        assert np.abs(ours.double().numpy() - ref).max() < 1e-5

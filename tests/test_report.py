@@ -378,3 +378,154 @@ def test_worst_class_accuracy_from_confusion(tmp_path):
     rows = list(csv.DictReader((tmp_path / "report" / "report.csv").open()))
     assert float(rows[0]["worst_class_accuracy"]) == 5 / 10
     assert float(rows[0]["source_worst_class_accuracy"]) == 4 / 10
+
+
+# --- trust faults: intervals over distinct images, inconsistent numbers refused --------------
+
+def gradual_run() -> dict:
+    """A stream=gradual run of 64 images per cell: contrast at severity 1 is visited twice
+    (1, 5, 1), so its cell counts 128 predictions (88 correct) of the same 64 images."""
+    source = {("fog", 1): 9, ("fog", 5): 6, ("contrast", 1): 9, ("contrast", 5): 6}
+    correct = {("fog", 1): 41, ("fog", 5): 10, ("contrast", 1): 44, ("contrast", 5): 23}
+    run = results("batch", source=source, correct=correct, n=64, clean=47, stream="gradual")
+    cell = next(c for c in run["cells"] if (c["corruption"], c["severity"]) == ("contrast", 1))
+    cell["num_examples"], cell["accuracy"] = 128, 88 / 128  # == 44 / 64
+    return run
+
+
+def test_gradual_intervals_count_distinct_images_not_visits(tmp_path):
+    write(tmp_path / "gradual", gradual_run())
+    report = write_report([tmp_path / "gradual"], tmp_path / "report", plots=False)
+    assert report["errors"] == []
+    rows = list(csv.DictReader((tmp_path / "report" / "report.csv").open()))
+    contrast1 = next(r for r in rows if (r["corruption"], r["severity"]) == ("contrast", "1"))
+    # 64 distinct images; the old report used n = 128 visits (a narrower interval, and the
+    # source model's 9 of 64 as 18 of 128)
+    assert int(contrast1["num_examples"]) == 64
+    assert (float(contrast1["accuracy_ci95_low"]), float(contrast1["accuracy_ci95_high"])) == \
+        pytest.approx(wilson64(44, 64), abs=1e-12)
+    assert (float(contrast1["source_accuracy_ci95_low"]), float(contrast1["source_accuracy_ci95_high"])) == \
+        pytest.approx(wilson64(9, 64), abs=1e-12)
+    # the pooled mean is the mean over the 4 cells (118 of 4 x 64), not weighted by visits
+    # (the old pooled proportion was 162 / 320 = 50.6% beside a mean of 46.1%)
+    pooled = next(r for r in rows if r["corruption"] == r["severity"] == "mean")
+    assert float(pooled["accuracy"]) == pytest.approx((41 + 10 + 44 + 23) / 256, abs=1e-12)
+    assert (float(pooled["accuracy_ci95_low"]), float(pooled["accuracy_ci95_high"])) == \
+        pytest.approx(wilson64(118, 256), abs=1e-12)
+    low, high = wilson64(118, 256)
+    summary = report["markdown"].split("## Summary")[1]
+    row = next(line for line in summary.splitlines() if line.startswith("| batch"))
+    assert row.split("|")[5].strip() == f"{100 * 118 / 256:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    low, high = wilson64(9 + 9, 128)  # source at severity 1, both corruptions
+    table = report["markdown"].split("## Accuracy (%) at severity 1")[1]
+    source_row = next(line for line in table.splitlines() if line.startswith("| source (no adaptation)"))
+    assert source_row.split("|")[4].strip() == f"{100 * 18 / 128:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _set(run: dict, path: str, value) -> dict:
+    """``run`` with the value at ``path`` (keys and list indices separated by '/') replaced."""
+    *parents, last = path.split("/")
+    node = run
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[int(last) if isinstance(node, list) else last] = value
+    return run
+
+
+def _with_summaries(run: dict) -> dict:
+    """Adds per_severity / per_corruption and the full mean as the pipeline writes them."""
+    keys = ("source_accuracy", "accuracy", "recovered", "source_error", "error", "source_ece", "ece")
+
+    def summary(cells):
+        out = {k: sum(c[k] for c in cells) / len(cells) for k in keys}
+        out["gap_closed"] = out["recovered"] / (run["clean_accuracy"] - out["source_accuracy"])
+        return out
+
+    run["mean"] = summary(run["cells"])
+    run["per_severity"] = {str(s): summary([c for c in run["cells"] if c["severity"] == s]) for s in (1, 5)}
+    run["per_corruption"] = {n: summary([c for c in run["cells"] if c["corruption"] == n])
+                             for n in ("fog", "contrast")}
+    for cell in run["cells"]:
+        cell["gap_closed"] = cell["recovered"] / (run["clean_accuracy"] - cell["source_accuracy"])
+    return run
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("cells/0/recovered", math.nan, "has recovered nan, not a finite number"),
+    ("cells/0/recovered", math.inf, "has recovered inf, not a finite number"),
+    ("cells/0/recovered", -5.0, "has recovered -5.0 but accuracy - source_accuracy is"),
+    ("cells/0/accuracy", math.nan, "accuracy outside"),
+    ("cells/0/ece", math.nan, "has ece nan, not a finite number"),
+    ("cells/0/error", 0.5, "has error 0.5 but 1 - its accuracy is"),
+    ("cells/0/gap_closed", 123, r"has gap_closed 123 but recovered / \(clean - source accuracy\)"),
+    ("cells/0/num_examples", 100, "has num_examples 100: not a positive multiple of the run's 200"),
+    ("cells/0/confusion", [[100, 0], [0, 100]], r"confusion \(trace 200 of 200\) does not give the accuracy"),
+    ("mean/gap_closed", 123, r"mean.gap_closed is 123 but recovered / \(clean - source accuracy\) is"),
+    ("mean/accuracy", 0.99, "mean.accuracy is 0.99 but the mean of its cells is"),
+    ("mean/mce", math.inf, "mean.mce is inf, not a finite number >= 0"),
+    ("per_severity/5/recovered", 0.0, r"per_severity\['5'\].recovered is 0.0 but the mean of its cells"),
+    ("per_corruption/fog/ece", 0.5, r"per_corruption\['fog'\].ece is 0.5 but the mean of its cells"),
+    ("num_examples", "200", "num_examples must be a positive int"),
+    ("clean_error", 0.3, "clean_error 0.3 is not 1 - clean_accuracy"),
+    ("images_per_second", math.nan, "images_per_second must be null or a finite number > 0"),
+])
+def test_non_finite_or_inconsistent_numbers_are_refused(tmp_path, capsys, path, value, message):
+    good = _with_summaries(results(source=SOURCE))
+    write(tmp_path / "source", good)
+    bad = _with_summaries(results("batch", source=SOURCE, correct=BATCH))
+    bad["clean_error"] = 1 - bad["clean_accuracy"]
+    file = tmp_path / "batch" / "results.json"
+    file.parent.mkdir()
+    file.write_text(json.dumps(_set(bad, path, value)))  # json.dumps writes NaN / Infinity
+    runs, problems = load_runs([tmp_path])
+    assert [Path(r["path"]).name for r in runs] == ["source"]
+    (problem,) = problems
+    assert problem["kind"] == "unreadable" and problem["file"] == str(file)
+    assert re.search(message, problem["error"]), problem["error"]
+    assert load_script().main([str(tmp_path), "--out", str(tmp_path / "report"), "--no-plots"]) == 1
+    assert str(file) in capsys.readouterr().err
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Unreadable results" in md and str(file) in md
+    assert not any(line.startswith("| batch") for line in md.splitlines())  # none of its numbers
+
+
+def test_consistent_runs_with_every_optional_field_are_accepted(tmp_path):
+    run = _with_summaries(results("batch", source=SOURCE, correct=BATCH))
+    run["clean_error"], run["mean"]["mce"] = 1 - run["clean_accuracy"], 0.8
+    run["cells"][0]["confusion"] = [[80, 20], [20, 80]]  # fog 1: 160 of 200 correct
+    write(tmp_path / "batch", run)
+    assert load_runs([tmp_path])[1] == []
+
+
+@pytest.mark.slow
+def test_every_stream_is_reported_over_its_distinct_images(tmp_path):
+    """Each registered stream through the pipeline (digits, a random ResNet-8): the report
+    accepts its numbers as consistent, and every interval counts the run's distinct images,
+    also where a stream shows an image twice (gradual: the cell's num_examples is 2 n)."""
+    from tta.evaluation import list_streams
+    from tta.evaluation.pipeline import run_benchmark
+
+    visits = {}
+    for stream in list_streams():
+        results_ = run_benchmark(
+            tmp_path / stream, dataset="digits", model="resnet8", corruptions=["fog", "contrast"],
+            severities=[1, 3], method="batch", stream=stream, batch_size=32, num_examples=100, device="cpu",
+            stream_params={"factor": 2.0} if stream == "imbalance" else None,
+            progress=False, cache_dir=tmp_path / "cache",
+            model_kwargs={"num_classes": 10, "in_channels": 1, "width": 4})
+        visits[stream] = {(c["corruption"], c["severity"]): c["num_examples"] // results_["num_examples"]
+                          for c in results_["cells"]}
+    assert visits["gradual"] == {("fog", 1): 1, ("fog", 3): 1, ("contrast", 1): 2, ("contrast", 3): 1}
+    assert all(set(v.values()) == {1} for s, v in visits.items() if s != "gradual")
+    report = write_report([tmp_path], tmp_path / "report", plots=False)
+    assert report["errors"] == [] and len(report["runs"]) == len(visits)
+    sizes = {r["stream"]: r["num_examples"] for r in report["runs"]}
+    for row in csv.DictReader((tmp_path / "report" / "report.csv").open()):
+        images = sizes[row["stream"]]
+        cells = 1 if "mean" not in (row["corruption"], row["severity"]) else \
+            4 if row["corruption"] == row["severity"] == "mean" else 2
+        assert int(row["num_examples"]) == images
+        for key in ("source_accuracy", "accuracy"):
+            correct = round(float(row[key]) * images * cells)
+            assert (float(row[f"{key}_ci95_low"]), float(row[f"{key}_ci95_high"])) == \
+                pytest.approx(wilson64(correct, images * cells), abs=1e-9), (row["stream"], key)

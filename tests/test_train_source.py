@@ -227,3 +227,105 @@ def test_evaluation_app_reproduces_the_recorded_accuracy(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["cells"][0]["num_examples"] == meta["num_examples"] == 360
     assert results["clean_accuracy"] == pytest.approx(recorded, abs=1e-12)
+
+
+# --- trust faults: re-runs, bad settings, divergence, one-line errors ------------------------
+
+SMALL = ["dataset=digits", "model=resnet8", "+model.kwargs.width=4", "+dataset.kwargs.num_examples=64",
+         "batch_size=16", "warmup_epochs=0", "progress=false"]
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train_source", overrides=[*SMALL, *overrides])
+
+
+def test_rerun_retrains_when_the_config_changed_and_keeps_the_old_checkpoint(tmp_path):
+    script = _load_script("train_source")
+    output = tmp_path / "d.pt"
+    script.run(_compose("epochs=1", f"output={output}"))
+    first = output.read_bytes()
+    # a run option (progress, num_threads, device, output) does not change what is trained
+    script.run(_compose("epochs=1", f"output={output}", "progress=true", "num_threads=1"))
+    assert output.read_bytes() == first
+    # the old app skipped this run because the file existed, keeping the 1-epoch model
+    script.run(_compose("epochs=2", "lr=0.05", f"output={output}"))
+    meta = tta.models.load_checkpoint(output)["tta"]
+    assert meta["config"]["epochs"] == 2 and meta["config"]["lr"] == 0.05 and len(meta["history"]) == 2
+    (aside,) = (tmp_path / "superseded").iterdir()
+    assert aside.name.endswith(".d.pt") and aside.read_bytes() == first  # moved, never overwritten
+    # a file that is no checkpoint of this app is moved aside too, not overwritten
+    output.write_bytes(b"not a checkpoint")
+    script.run(_compose("epochs=2", "lr=0.05", f"output={output}"))
+    assert tta.models.load_checkpoint(output)["tta"]["config"]["epochs"] == 2
+    assert sorted(p.read_bytes()[:16] for p in (tmp_path / "superseded").iterdir()) == sorted(
+        [first[:16], b"not a checkpoint"])
+
+
+@pytest.mark.parametrize("override, error, message", [
+    ("lr=nan", ValueError, r"lr must be a finite number > 0 \(default 0.1\), got nan"),
+    ("lr=inf", ValueError, "lr must be a finite number > 0"),
+    ("lr=0", ValueError, "lr must be a finite number > 0"),
+    ("lr=fast", TypeError, r"lr must be a finite number > 0 \(default 0.1\), got 'fast' \(str\)"),
+    ("momentum=1.5", ValueError, r"momentum must be a finite number in \[0, 1\)"),
+    ("weight_decay=-1", ValueError, "weight_decay must be a finite number >= 0"),
+    ("warmup_epochs=nan", ValueError, r"warmup_epochs must be a finite number in \[0, epochs=1\]"),
+    ("label_smoothing=2", ValueError, r"label_smoothing must be a finite number in \[0, 1\]"),
+    ("epochs=0", ValueError, "epochs must be an int >= 1, got 0"),
+    ("epochs=1.5", TypeError, "epochs must be an int >= 1, got 1.5"),
+    ("batch_size=0", ValueError, "batch_size must be an int >= 1, got 0"),
+    ("augment.crop_padding=-2", ValueError, "crop_padding must be an int >= 0"),
+    ("schedule=linear", ValueError, r"unknown schedule 'linear'; valid: \['cosine', 'constant'\]"),
+    ("num_threads=0", ValueError, "num_threads must be null or an int >= 1, got 0"),
+    ("+lr_decay=0.1", ValueError, r"unknown setting\(s\) \['lr_decay'\]"),
+])
+def test_bad_settings_are_refused_before_anything(tmp_path, monkeypatch, override, error, message):
+    script = _load_script("train_source")
+    output = tmp_path / "d.pt"
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded before the settings were checked")
+
+    monkeypatch.setattr(tta.data, "get_dataset", no_data)
+    with pytest.raises(error, match=message):
+        script.run(_compose("epochs=1", override, f"output={output}"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_diverging_training_writes_no_checkpoint_and_keeps_the_old_file(tmp_path):
+    script = _load_script("train_source")
+    output = tmp_path / "d.pt"
+    output.write_bytes(b"an earlier result")
+    # a finite but far too large lr: the loss and weights become nan in the first epoch
+    with pytest.raises(FloatingPointError, match=r"training diverged in epoch 1: mean train loss nan"):
+        script.run(_compose("epochs=2", "lr=1e10", f"output={output}"))
+    assert [p.name for p in tmp_path.iterdir()] == ["d.pt"] and output.read_bytes() == b"an earlier result"
+    # the library refuses the same way
+    torch.manual_seed(0)
+    model = tta.models.get_model("resnet8", num_classes=10, in_channels=1, width=4)
+    data = tta.data.get_dataset("digits", split="test", num_examples=32)
+    with pytest.raises(FloatingPointError, match="non-finite parameter"):
+        train(model, data, data, epochs=1, lr=1e10, batch_size=16, warmup_epochs=0, progress=False)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_failure_is_one_line_and_exit_status_1(tmp_path, debug):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TTA_DEBUG", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+    if debug:
+        env["TTA_DEBUG"] = "1"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train_source.py"), *SMALL, "model.num_classes=5",
+         f"output={tmp_path / 'd.pt'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 1
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    message = "num_classes=5 does not fit dataset 'digits'"
+    if debug:
+        assert "Traceback" in done.stderr and message in done.stderr
+    else:
+        assert lines == [next(line for line in lines if message in line)]
+        assert "training failed: ValueError: num_classes=5" in lines[0] and "TTA_DEBUG=1" in lines[0]
+    assert not (tmp_path / "d.pt").exists()

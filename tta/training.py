@@ -11,15 +11,19 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["TrainResult", "dataset_tensors", "channel_stats", "augment_batch", "evaluate", "train"]
+__all__ = ["TrainResult", "SCHEDULES", "check_hparams", "dataset_tensors", "channel_stats", "augment_batch",
+           "evaluate", "train"]
 
 log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -97,9 +101,53 @@ def _lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
     if schedule == "cosine":
         progress = (step - warmup) / max(total - warmup, 1)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "constant":
-        return 1.0
-    raise ValueError(f"unknown schedule {schedule!r}; valid: ['cosine', 'constant']")
+    return 1.0  # constant
+
+
+def _check(name: str, value: Any, kind: type, valid: str, ok: Callable[[Any], bool]) -> None:
+    """TypeError unless ``value`` is a ``kind`` (bool is no number; an int is a float), ValueError
+    unless it is finite and ``ok(value)``; both name ``name``, the value and ``valid``."""
+    numeric = kind is not bool
+    types = (int, float) if kind is float else kind
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, types):
+        raise TypeError(f"{name} must be {valid}, got {value!r} ({type(value).__name__})")
+    if numeric and not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name} must be {valid}, got {value!r}")
+
+
+def check_hparams(*, epochs: int, lr: float, batch_size: int, momentum: float, nesterov: bool,
+                  weight_decay: float, schedule: str, warmup_epochs: float, label_smoothing: float,
+                  crop_padding: int, hflip: bool, seed: int, amp: bool, progress: bool) -> None:
+    """Checks the hyper-parameters of :func:`train` (same names), before any work.
+
+    Raises:
+        TypeError: a value of the wrong type (``lr="abc"``, ``epochs=1.5``, ``hflip=1``).
+        ValueError: a value outside its range (nan and +-inf included); the message names the
+            parameter, the value and the valid range.
+    """
+    _check("epochs", epochs, int, "an int >= 1", lambda v: v >= 1)
+    _check("batch_size", batch_size, int, "an int >= 1", lambda v: v >= 1)
+    _check("lr", lr, float, "a finite number > 0 (default 0.1)", lambda v: v > 0)
+    _check("momentum", momentum, float, "a finite number in [0, 1) (default 0.9)", lambda v: 0 <= v < 1)
+    _check("weight_decay", weight_decay, float, "a finite number >= 0 (default 5e-4)", lambda v: v >= 0)
+    _check("warmup_epochs", warmup_epochs, float, f"a finite number in [0, epochs={epochs}] (default 1)",
+           lambda v: 0 <= v <= epochs)
+    _check("label_smoothing", label_smoothing, float, "a finite number in [0, 1] (default 0)",
+           lambda v: 0 <= v <= 1)
+    _check("crop_padding", crop_padding, int, "an int >= 0 (default 2)", lambda v: v >= 0)
+    _check("seed", seed, int, "an int in [0, 2**63)", lambda v: 0 <= v < 2**63)
+    for name, value in (("nesterov", nesterov), ("hflip", hflip), ("amp", amp), ("progress", progress)):
+        _check(name, value, bool, "true or false", bool)
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov=true needs momentum > 0, got momentum=0")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {list(SCHEDULES)}")
+
+
+def _non_finite(model: nn.Module) -> list[str]:
+    """Names of the model's parameters and buffers holding nan or +-inf."""
+    return [name for name, t in model.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def train(
@@ -139,9 +187,17 @@ def train(
 
     Returns:
         :class:`TrainResult` with the final clean test accuracy and the per-epoch history.
+
+    Raises:
+        TypeError, ValueError: a hyper-parameter of the wrong type or out of range
+            (:func:`check_hparams`), before any work.
+        FloatingPointError: the training loss or a weight became nan or infinite (checked
+            after every epoch, e.g. a learning rate far too large); ``model`` is then unusable.
     """
-    if epochs < 1 or lr <= 0 or batch_size < 1:
-        raise ValueError(f"epochs, lr and batch_size must be positive, got {epochs}, {lr}, {batch_size}")
+    check_hparams(epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum, nesterov=nesterov,
+                  weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+                  label_smoothing=label_smoothing, crop_padding=crop_padding, hflip=hflip, seed=seed,
+                  amp=amp, progress=progress)
     device = torch.device(device)
     train_images, train_targets = dataset_tensors(train_set)
     test_images, test_targets = dataset_tensors(test_set)
@@ -191,6 +247,11 @@ def train(
             seen += len(y)
             if progress and step % 50 == 0:
                 bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
+        bad = _non_finite(model)
+        if not math.isfinite(float(total_loss)) or bad:
+            raise FloatingPointError(
+                f"training diverged in epoch {epoch}: mean train loss {float(total_loss) / seen}, "
+                f"{len(bad)} non-finite parameter(s)/buffer(s) {bad[:3]} (lr={lr}); try a smaller lr")
         test_accuracy = evaluate(model, test_images, test_targets, device=device)
         record = {
             "epoch": epoch,

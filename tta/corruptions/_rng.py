@@ -90,17 +90,26 @@ class ImageRNG:
     def _stack(self, rows: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(rows).to(self.device)
 
+    def _fill(self, shape: tuple[int, ...], dtype: torch.dtype, fill) -> torch.Tensor:
+        """``(N, *shape)``, row i filled in place by ``fill(row, generator_i)``: the draws of
+        ``torch.rand``/``randn``/``randint`` (which fill a fresh tensor the same way), without
+        stacking copies."""
+        out = torch.empty((len(self.generators), *shape), dtype=dtype)
+        for row, g in zip(out, self.generators):
+            fill(row, g)
+        return out.to(self.device)
+
     def uniform(self, *shape: int) -> torch.Tensor:
         """Uniform floats in [0, 1), float32."""
-        return self._stack([torch.rand(shape, generator=g) for g in self.generators])
+        return self._fill(shape, torch.float32, lambda row, g: row.uniform_(0, 1, generator=g))
 
     def normal(self, *shape: int) -> torch.Tensor:
         """Standard normal floats, float32."""
-        return self._stack([torch.randn(shape, generator=g) for g in self.generators])
+        return self._fill(shape, torch.float32, lambda row, g: row.normal_(0, 1, generator=g))
 
     def randint(self, low: int, high: int, *shape: int) -> torch.Tensor:
         """Integers in [low, high), int64."""
-        return self._stack([torch.randint(low, high, shape, generator=g) for g in self.generators])
+        return self._fill(shape, torch.int64, lambda row, g: row.random_(low, high, generator=g))
 
     def uniform64(self, *shape: int, indices: Sequence[int] | None = None) -> torch.Tensor:
         """Uniform float64 in [0, 1), ``(len(indices), *shape)``, from the numpy

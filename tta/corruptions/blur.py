@@ -261,9 +261,18 @@ def defocus_blur(x: torch.Tensor, params, rng: ImageRNG) -> torch.Tensor:
     # Large disks: correlation through the FFT (cost independent of the radius).
     ph, pw = y.shape[-2:]
     fh, fw = _fft_size(ph), _fft_size(pw)
-    spectrum = torch.fft.rfft2(y, s=(fh, fw)) * torch.fft.rfft2(k.flip(0, 1), s=(fh, fw))
-    full = torch.fft.irfft2(spectrum, s=(fh, fw))
+    kernel = _disk_spectrum(radius, alias_blur, fh, fw, x.dtype, x.device)
+    full = torch.fft.irfft2(torch.fft.rfft2(y, s=(fh, fw)) * kernel, s=(fh, fw))
     return full[..., 2 * r : 2 * r + h, 2 * r : 2 * r + w].reshape(n, c, h, w)
+
+
+@functools.lru_cache(maxsize=16)
+def _disk_spectrum(radius: float, alias_blur: float, fh: int, fw: int, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """``rfft2`` of the flipped :func:`disk_kernel` zero-padded to ``(fh, fw)``, computed once
+    instead of once per chunk (a quarter of defocus blur's FFTs on 224-px chunks)."""
+    k = torch.from_numpy(disk_kernel(radius, alias_blur)).to(device, dtype)
+    return torch.fft.rfft2(k.flip(0, 1), s=(fh, fw))
 
 
 def _fft_size(n: int) -> int:
@@ -351,7 +360,7 @@ def _zoom_factors(stop: float, step: float) -> tuple[float, ...]:
     cifar=[_zoom_factors(m, 0.01) for m in (1.06, 1.11, 1.16, 1.21, 1.26)],
     tiny=[_zoom_factors(m, 0.01) for m in (1.06, 1.11, 1.16, 1.21, 1.26)],
     imagenet=[_zoom_factors(m, s) for m, s in ((1.11, 0.01), (1.16, 0.01), (1.21, 0.02), (1.26, 0.02), (1.31, 0.03))],
-    chunk_values=1 << 18,
+    chunk_values=1 << 21,
 )
 def zoom_blur(x: torch.Tensor, factors, rng: ImageRNG) -> torch.Tensor:
     n, c, h, w = x.shape
@@ -366,11 +375,15 @@ _ZOOM_MATRIX_PIXELS = 32 * 32  # beyond, the matrix costs more than the interpol
 
 
 def _zoom_blur(x: torch.Tensor, factors) -> torch.Tensor:
-    x = x.contiguous(memory_format=torch.channels_last)  # torch's bilinear kernel is faster on NHWC
+    n, c, h, w = x.shape
+    # All images and channels as the channels of one NHWC image: torch's bilinear kernel
+    # vectorises over the channels (4x faster than 3 channels per image at 224 px).
+    x = x.reshape(1, n * c, h, w).contiguous(memory_format=torch.channels_last)
     out = x.clone()
     for z in factors:
         out += centre_zoom(x, z)
-    return (out / (len(factors) + 1)).contiguous()
+    # (N, C, H, W) view of the NHWC result: the caller's copy to its output transposes it
+    return out.div_(len(factors) + 1).view(n, c, h, w)
 
 
 @functools.lru_cache(maxsize=32)

@@ -58,8 +58,11 @@ def digits(
 @lru_cache(maxsize=1)
 def _resized_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """All 1,797 images at 28x28, their labels, and the train and test indices."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from tta._extras import require_extra
+
+    with require_extra("sklearn", "the digits dataset"):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
     train_idx, test_idx = train_test_split(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
+import os
 import platform
 import time
 from pathlib import Path
@@ -16,16 +18,20 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 import tta
-from tta.evaluation.metrics import (NUM_BINS, baseline_errors, corruption_errors,
-                                    mean_corruption_error)
+from tta.evaluation.metrics import (NUM_BINS, alexnet_baseline, baseline_errors, corruption_errors,
+                                    mean_corruption_error,
+                                    relative_mean_corruption_error)
 from tta.evaluation.results import (CellCache, JsonCache, content_hash, corruption_code_hash,
-                                    finished, locked, model_hash, read_json, write_results)
-from tta.evaluation.runner import Cell, LabelFree, build_adapter, evaluate, method_hparams
-from tta.evaluation.streams import get_stream
+                                    finished, locked, model_hash, read_json, supersede,
+                                    write_results)
+from tta.evaluation.runner import (Cell, LabelFree, build_adapter, check_source_images, evaluate,
+                                   method_hparams)
+from tta.evaluation.streams import get_stream, imbalance_factor
+from tta.methods.base import check_seed
 from tta.label_free import AccuracyEstimator
 
 __all__ = ["SEVERITIES", "CHANCE_MARGIN", "LABEL_FREE", "run_benchmark", "load_images", "build_model",
-           "check_cells", "read_baseline", "chance_accuracy", "resolve_device", "summarize",
+           "check_cells", "read_baseline", "check_baseline_data", "chance_accuracy", "resolve_device", "summarize",
            "label_free_params"]
 
 logger = logging.getLogger(__name__)
@@ -34,6 +40,10 @@ SEVERITIES = (1, 2, 3, 4, 5)
 
 # a clean accuracy below chance + CHANCE_MARGIN (a fraction: 5 points) gets a warning
 CHANCE_MARGIN = 0.05
+
+# stream=imbalance: an achieved factor (largest / smallest class, after the floors of the
+# profile) more than this fraction away from the requested one gets a warning
+FACTOR_TOLERANCE = 0.05
 
 # version of the cached clean/source metric records (part of their key): bump it whenever
 # their fields change, so that old records are recomputed instead of misread
@@ -48,10 +58,25 @@ LABEL_FREE = {"enabled": False, "fit_split": "train", "fit_examples": 1000, "cor
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"``: cuda when available, else cpu; anything else is passed to torch."""
+    """``"auto"``: cuda when available, else cpu; anything else is passed to torch.
+
+    Raises:
+        TypeError: ``device`` is not a str.
+        ValueError: not a torch device name, or a cuda device without CUDA (named, with the
+            valid choices), before any work.
+    """
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str (auto, cpu, cuda, cuda:N), got {device!r}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    torch.device(device)  # raises on nonsense
+    try:
+        kind = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device={device!r} is not a torch device (auto, cpu, cuda, cuda:N): {error}") from None
+    if kind.type == "cuda" and (not torch.cuda.is_available()
+                                or (kind.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s): use device=cpu or device=auto")
     return device
 
 
@@ -118,8 +143,15 @@ def _images(data: Dataset) -> tuple[Tensor, Tensor]:
 def build_model(name: str | None, *, pretrained: str | None = None, weights: str | None = None,
                 seed: int = 0, **kwargs: Any) -> nn.Module:
     """The shipped model ``load_pretrained(pretrained)``, or ``get_model(name, **kwargs)``
-    (initialised under ``torch.manual_seed(seed)``, with ``weights`` if given), in eval mode."""
+    (initialised under ``torch.manual_seed(seed)``, with ``weights`` if given), in eval mode.
+
+    Raises:
+        ValueError: for a shipped ``pretrained`` model, a ``name``, ``weights`` or builder
+            kwarg it would not use: another architecture, any weights, or a kwarg that is not
+            its recorded value (``num_classes``, ``in_channels`` may restate it); all named.
+    """
     if pretrained is not None:
+        _check_pretrained(pretrained, name, weights, kwargs)
         model = tta.models.load_pretrained(pretrained)
     else:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -129,16 +161,89 @@ def build_model(name: str | None, *, pretrained: str | None = None, weights: str
     return model.eval()
 
 
-def read_baseline(path: str | Path, dataset: str,
-                  grid: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
-    """The ``cells`` of the baseline ``results.json`` that defines mCE, checked before any work.
+def _check_pretrained(pretrained: str, name: str | None, weights: Any, kwargs: Mapping[str, Any]) -> None:
+    """Refuses what a shipped model would silently ignore (see :func:`build_model`)."""
+    from tta.models.checkpoint import read_metadata
+
+    info = read_metadata(tta.models.pretrained_info(pretrained), pretrained) or {}
+    architecture, recorded = info.get("architecture"), dict(info.get("kwargs") or {})
+    ignored = []
+    if name is not None and name != architecture:
+        ignored.append(f"model.name={name!r} (it is a {architecture})")
+    if weights is not None:
+        ignored.append(f"model.weights={weights!r} (its weights are shipped)")
+    for key, value in kwargs.items():
+        where = f"model.{key}" if key in ("num_classes", "in_channels") else f"model.kwargs.{key}"
+        if value is not None and (key not in recorded or _json_safe(value) != recorded[key]):
+            ignored.append(f"{where}={value!r} (it was built with "
+                           + (f"{key}={recorded[key]!r})" if key in recorded else f"no {key})"))
+    if ignored:
+        raise ValueError(f"model.pretrained={pretrained!r} is a shipped trained model that cannot take "
+                         f"{'; '.join(ignored)}: these would be ignored, so they are refused; set "
+                         f"model.pretrained=null to build model.name with them (e.g. model=resnet14 "
+                         f"model.weights=...), or leave them at the shipped model's values")
+
+
+# what makes a baseline's errors comparable beside dataset, seed and preset (results.json keys),
+# checked once the data are fingerprinted
+_BASELINE_DATA = ("num_examples", "fingerprints.data", "fingerprints.corruption_code")
+
+
+def _field(results: Mapping[str, Any], key: str) -> Any:
+    """``results[key]`` for a dotted key; a missing ``preset`` comes from ``config.corruption``
+    (results written before it was a top-level key); a missing key gives ``KeyError``."""
+    if key == "preset" and key not in results:
+        return results["config"]["corruption"]["preset"]
+    value: Any = results
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _compare_baseline(base: Mapping[str, Any], path: Path, this_run: Mapping[str, Any]) -> None:
+    for key, value in this_run.items():
+        try:
+            theirs = _field(base, key)
+        except (KeyError, TypeError):
+            raise ValueError(f"baseline {str(path)!r} does not record {key!r}, so its errors cannot be shown "
+                             f"to come from this run's protocol (this run: {key}={value!r}); use a "
+                             f"results.json written by this version of scripts/evaluate.py") from None
+        if theirs != value:
+            raise ValueError(f"baseline {str(path)!r} was measured with {key}={theirs!r}, this run has "
+                             f"{key}={value!r}: its errors are not comparable (mCE divides errors on the "
+                             f"same images); use a baseline run of this protocol")
+
+
+def check_baseline_data(base: Mapping[str, Any], path: str | Path, *, num_examples: int,
+                        data: str, corruption_code: str | None) -> None:
+    """Checks that the baseline results ``base`` (from :func:`read_baseline`) were measured on
+    the same images as this run: ``num_examples`` per cell, ``fingerprints.data`` and (for
+    synthetic corruptions) ``fingerprints.corruption_code``.
+
+    Raises:
+        ValueError: naming ``path``, the field and both values, or a field it lacks.
+    """
+    this_run = dict(zip(_BASELINE_DATA, (num_examples, data, corruption_code)))
+    if corruption_code is None:  # precorrupted: the corrupted files are in the data fingerprint
+        del this_run["fingerprints.corruption_code"]
+    _compare_baseline(base, Path(path), this_run)
+
+
+def read_baseline(path: str | Path, dataset: str, grid: Sequence[tuple[str, int]], *,
+                  seed: int | None = None, preset: str | None = None,
+                  precorrupted: bool = False) -> dict[str, Any]:
+    """The baseline ``results.json`` that defines mCE, checked before any work (its ``cells``
+    hold the errors; :func:`check_baseline_data` checks the images once they are known).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: naming ``path``: not readable JSON; not a results object with a non-empty
             ``cells`` list of ``{"corruption": str, "severity": int, "error": fraction}``;
-            results on another dataset than ``dataset``; or no error for some cells of
-            ``grid`` (the (corruption, severity) pairs of this run, all named).
+            results on another dataset than ``dataset``; no error for some cells of ``grid``
+            (the (corruption, severity) pairs of this run, all named); errors of a corruption
+            that are 0 at every severity of ``grid`` (its CE would divide by 0); or, unless
+            ``seed`` is None, another (or no recorded) ``seed`` or corruption ``preset``
+            (both values named; not compared for ``precorrupted`` data).
     """
     path = Path(path)
     if not path.is_file():
@@ -157,10 +262,17 @@ def read_baseline(path: str | Path, dataset: str,
                          f"{base.get('dataset')!r}, this run is on {dataset!r}: mCE compares "
                          f"errors on the same data")
     try:
-        baseline_errors(grid, cells)
+        errors = baseline_errors(grid, cells)
     except ValueError as error:
         raise ValueError(f"baseline {str(path)!r}: {error}") from None
-    return cells
+    zero = [c for c in dict.fromkeys(c for c, _ in grid) if sum(e for (k, _), e in errors.items() if k == c) <= 0]
+    if zero:
+        raise ValueError(f"baseline {str(path)!r} has error 0 at every severity of {', '.join(zero)}: the "
+                         f"corruption error (this run's error / the baseline's) would divide by 0; use "
+                         f"another baseline or leave {', '.join(zero)} out")
+    if seed is not None and not precorrupted:
+        _compare_baseline(base, path, {"seed": seed, "preset": preset})
+    return base
 
 
 def _is_error_cell(cell: Any) -> bool:
@@ -327,6 +439,62 @@ def _label_free_code_hash() -> str:
     return content_hash(*(path.read_bytes() for path in sorted(root.glob("*.py"))))
 
 
+def _check_arguments(*, ints: Mapping[str, Any], bools: Mapping[str, Any], strs: Mapping[str, Any],
+                     optional: Mapping[str, Any], mappings: Mapping[str, Any]) -> None:
+    """The plain arguments of :func:`run_benchmark`: ``ints`` positive ints (``batch_size``
+    required, the others may be None), ``bools`` bools, ``strs`` non-empty strs, ``optional``
+    None, a str or a path, ``mappings`` None or a mapping. ValueError (a bad value) or
+    TypeError (a wrong type) naming the argument, the value and what is valid."""
+    for name, value in ints.items():
+        if value is None and name != "batch_size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            null = "" if name == "batch_size" else " or null"
+            raise ValueError(f"{name} must be a positive int{null}, got {value!r}")
+    for name, value in bools.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be true or false, got {value!r}")
+    for name, value in strs.items():
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"{name} must be a non-empty str, got {value!r}")
+    for name, value in optional.items():
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a str, a path or null, got {value!r}")
+    for name, value in mappings.items():
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"{name} must be a mapping of names to values or null, got {value!r}")
+
+
+def _set_aside(output_dir: Path) -> None:
+    """Moves the directory's outcome to ``superseded/`` before a recompute (results.json
+    first, each by an atomic rename), so that a killed recompute leaves no stale outcome
+    looking current."""
+    moved = supersede(output_dir)
+    if moved:
+        logger.info("recomputing: moved the earlier outcome to %s", moved[0].parent)
+
+
+def _stream_clean_source(net: nn.Module, clean_images: Tensor, targets: Tensor, keys: Sequence[tuple[str, int]],
+                         stream_def: Any, seed: int, stream_params: Mapping[str, Any], batch_size: int,
+                         device: str) -> dict[str, Any]:
+    """The source model's accuracy on the clean images that a stream with clean images
+    (``mixture``) interleaves, each counted as often as the stream visits it:
+    ``{"accuracy": fraction, "num_examples": visits}``, the reference of the forgetting (the
+    adapted model's accuracy on the same visits is the stream's clean cell)."""
+    clean = keys.index(("clean", 0))
+    visits = torch.zeros(len(targets), dtype=torch.float64)
+    for segment in stream_def.segments(keys, targets, seed, **stream_params):
+        if clean in segment.cells:
+            rows = segment.order[segment.order[:, 0] == segment.cells.index(clean), 1]
+            visits += torch.bincount(rows, minlength=len(targets)).double()
+    model = copy.deepcopy(net).to(device).eval()
+    with torch.no_grad():
+        predictions = torch.cat([model(x.to(device).float().div(255)).argmax(1).cpu()
+                                 for x in clean_images.split(batch_size)])
+    correct = (predictions == targets).double()
+    return {"accuracy": float((visits * correct).sum() / visits.sum()), "num_examples": int(visits.sum())}
+
+
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "numpy": np.__version__, "tta": tta.__version__}
@@ -389,29 +557,68 @@ def run_benchmark(
     clean dataset's ``fit_split``, which must not be the evaluated split) and cached under
     ``cache_dir`` by model and data content; two more forward passes per test batch.
 
+    Every argument is checked before any work (nothing read, built or moved). A recompute
+    first moves the directory's earlier outcome to ``superseded/`` (with ``force`` or without
+    ``config`` at once; for stale inputs once they are fingerprinted), so that a killed run
+    leaves no stale outcome looking current.
+
     Returns:
         the results dict written to ``results.json`` (schema in docs/evaluation.md).
+
+    Raises:
+        ValueError: a bad value (named, with the valid ones): ints (``seed`` in [0, 2**63),
+            ``batch_size``, ``num_examples``, ``num_threads`` >= 1), names, ``adapt.*`` values
+            (e.g. ``fisher_images`` beyond the clean images), stream parameters the images
+            cannot make, a shipped model given arguments it would ignore, a baseline of another
+            protocol or with a zero-error corruption, results of another config in
+            ``output_dir`` (without ``force``).
+        TypeError: a flag that is not a bool, a name that is not a str, a mapping argument that
+            is not a mapping.
+        FileNotFoundError: a missing data root or baseline file.
     """
     started = time.perf_counter()
     output_dir = Path(output_dir)
+    # validate every argument before any work (nothing read, built or moved yet)
+    _check_arguments(
+        ints={"batch_size": batch_size, "num_examples": num_examples, "num_threads": num_threads},
+        bools={"precorrupted": precorrupted, "force": force, "progress": progress},
+        strs={"dataset": dataset, "dataset_split": dataset_split, "method": method, "stream": stream},
+        optional={"model": model, "pretrained": pretrained, "dataset_root": dataset_root,
+                  "clean_dataset": clean_dataset, "clean_dataset_root": clean_dataset_root,
+                  "weights": weights, "cache_dir": cache_dir, "baseline": baseline},
+        mappings={"method_params": method_params, "stream_params": stream_params,
+                  "dataset_kwargs": dataset_kwargs, "model_kwargs": model_kwargs,
+                  "label_free": label_free, "config": config})
+    seed = check_seed(seed)
+    if model is None and pretrained is None:
+        raise ValueError("model is null and so is pretrained: name a model (model.name) or a shipped "
+                         f"pretrained one ({', '.join(sorted(tta.models.shipped.PRETRAINED))})")
     config = dict(config) if config is not None else None
-    # validate everything cheap before any data is touched
     check_cells(corruptions, severities)
     corruptions, severities = list(corruptions), [int(s) for s in severities]
     grid = [(c, s) for s in severities for c in corruptions]
     method_params = method_hparams(method, method_params)
+    check_source_images(method, method_params, num_examples)
     stream_def = get_stream(stream)
     stream_params = stream_def.params(stream_params)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if preset is not None and preset not in tta.PRESETS:
         raise ValueError(f"unknown corruption preset {preset!r}; valid presets are: "
                          f"{', '.join(tta.PRESETS)} (or null for the dataset's default)")
-    baseline_cells = None if baseline is None else read_baseline(baseline, dataset, grid)
+    alexnet = baseline is not None and str(baseline) == "alexnet"  # the published AlexNet errors
+    base = None if baseline is None else alexnet_baseline(dataset, grid) if alexnet else read_baseline(
+        baseline, dataset, grid, seed=seed, preset=preset, precorrupted=precorrupted)
+    baseline_cells = None if base is None else base["cells"]
     label_free = label_free_params(label_free)
     device = resolve_device(device)
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
+    if config is not None and not force:
+        finished(output_dir, config)  # results of another config there: refused, left alone
+    # the model (a shipped one refuses arguments it would ignore), before any data is read
+    net = build_model(model, pretrained=pretrained, weights=weights, seed=seed,
+                      **dict(model_kwargs or {}))
+    if force or config is None:  # recomputing whatever the directory holds
+        _set_aside(output_dir)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
 
     # data: the clean images (when there are any) and, for a precorrupted set, every cell's
     # dataset, opened and fingerprinted but not read yet
@@ -471,17 +678,29 @@ def run_benchmark(
             raise ValueError(f"label_free (fitting data {clean_name!r}, split {label_free['fit_split']!r}, "
                              f"fit_examples={label_free['fit_examples']}): {error}") from None
     # a stream that selects the images (imbalance): every cell, the clean images and the source
-    # metrics use the same subset
+    # metrics use the same subset, which is part of the data fingerprint
     subset = None if stream_def.subset is None else stream_def.subset(targets, seed, **stream_params)
-    subset_key = None
+    subset_key = subset_info = None
+    cell_source = clean_images  # every corrupted cell is made of all the images, then subset
     if subset is not None:
         subset_key = content_hash("subset", subset)
+        data_key = content_hash(data_key, subset_key)
         targets = targets[subset]
         clean_images = None if clean_images is None else clean_images[subset]
+        counts, achieved = imbalance_factor(targets)
+        subset_info = {"class_counts": {str(k): v for k, v in counts.items()}, "achieved_factor": achieved}
+    # the stream's segments, so that a stream these images cannot make fails now, as does a
+    # count of images per segment beyond the shortest one (recalibrate's num_images: never truncated)
+    keys = grid + ([("clean", 0)] if stream_def.uses_clean else [])
+    shortest = min(len(seg.order) for seg in stream_def.segments(keys, targets, seed, **stream_params))
+    if (method_params.get("num_images") or 0) > shortest:
+        raise ValueError(f"adapt.num_images={method_params['num_images']} but the shortest segment of "
+                         f"stream={stream} has {shortest} images: it would be truncated; use at most "
+                         f"{shortest} or null (all of each segment) (adapt={method})")
+    if base is not None and not alexnet:
+        check_baseline_data(base, baseline, num_examples=len(targets), data=data_key, corruption_code=code_key)
 
     # model: its output width must be the number of classes; then skip if already done
-    net = build_model(model, pretrained=pretrained, weights=weights, seed=seed,
-                      **dict(model_kwargs or {}))
     model_name = pretrained or model
     num_classes = _check_num_classes(net, probe, classes, targets, dataset, model_name)
     fingerprints = {"model": model_hash(net), "data": data_key, "corruption_code": code_key,
@@ -498,11 +717,19 @@ def run_benchmark(
         for message in stored.get("warnings") or []:
             logger.warning(message)
         return stored
+    _set_aside(output_dir)  # a killed recompute must not leave the stale outcome as current
     warnings: list[str] = []
 
     def warn(message: str) -> None:
         logger.warning(message)
         warnings.append(message)
+
+    requested = stream_params.get("factor")
+    if subset_info is not None and requested and abs(subset_info["achieved_factor"] / requested - 1) > FACTOR_TOLERANCE:
+        warn(f"stream=imbalance: the requested factor {requested:g} is not reached with these "
+             f"{len(targets)} images: the class sizes {subset_info['class_counts']} give a factor of "
+             f"{subset_info['achieved_factor']:.3g} (results.json: stream_subset); use more images "
+             f"(num_examples) for the requested profile")
 
     trained_on = _trained_on(net, pretrained)
     evaluated = clean_name or dataset.removesuffix("_c")
@@ -527,7 +754,7 @@ def run_benchmark(
                 if precorrupted:
                     images = _images(opened[corruption, severity])[0]
                 else:
-                    images = tta.corrupt(clean_images, corruption, severity, preset=preset,
+                    images = tta.corrupt(cell_source, corruption, severity, preset=preset,
                                          seed=seed)
                 cell_cache.put(key, images)
             return images if subset is None else images[subset]
@@ -615,13 +842,16 @@ def run_benchmark(
             "diagnosis_seconds": time.perf_counter() - diagnosis_start}
 
     # the adapted model
-    stream_clean = None
+    stream_clean = source_clean = None
+    if stream_def.uses_clean:  # the source model on the clean images as the stream visits them
+        source_clean = _stream_clean_source(net, clean_images, targets, keys, stream_def, seed, stream_params,
+                                            batch_size, device)
     if adapter is None:  # source; images_per_second is null when every cell came from the cache
         adapted = [dict(record) for record in source]
         seconds = source_seconds if len(missing) == len(grid) else None
         hparams: dict[str, Any] = {}
-        if stream_def.uses_clean:  # the source model's predictions do not depend on the stream
-            stream_clean = {"accuracy": clean_accuracy, "num_examples": n}
+        if source_clean is not None:  # the source model's predictions do not depend on the stream
+            stream_clean = dict(source_clean)
     else:
         stream_cells = cells + ([Cell("clean", 0, clean_images)] if stream_def.uses_clean else [])
         run = evaluate(adapter.model, stream_cells, targets, method=adapter, stream=stream,
@@ -637,8 +867,9 @@ def run_benchmark(
         if stream_def.uses_clean:
             clean_run = run["cells"][-1]
             stream_clean = {"accuracy": clean_run["accuracy"], "num_examples": clean_run["num_examples"]}
-    if stream_clean is not None:  # accuracy on the clean images inside the stream: forgetting
-        stream_clean["forgetting"] = clean_accuracy - stream_clean["accuracy"]
+    if stream_clean is not None:  # forgetting: source minus adapted, on the same clean visits
+        stream_clean["source_accuracy"] = source_clean["accuracy"]
+        stream_clean["forgetting"] = source_clean["accuracy"] - stream_clean["accuracy"]
 
     rows = []
     for (c, s), src, ada in zip(grid, source, adapted):
@@ -658,7 +889,8 @@ def run_benchmark(
         "warnings": warnings,
         "method": method, "params": _json_safe(hparams),
         "stream": stream, "stream_params": stream_params,
-        "batch_size": batch_size, "num_examples": n,
+        **({} if subset_info is None else {"stream_subset": subset_info}),
+        "batch_size": batch_size, "num_examples": n, "preset": preset,
         "dataset": dataset, "model": model_name, "seed": seed, "device": device,
         "num_classes": num_classes, "classes": None if classes is None else list(classes),
         "clean_accuracy": clean_accuracy,
@@ -681,6 +913,9 @@ def run_benchmark(
         for c, ce in corruption_errors(rows, baseline_cells).items():
             results["per_corruption"][c]["ce"] = ce
         results["mean"]["mce"] = mean_corruption_error(rows, baseline_cells)
+        if base.get("clean_error") is not None and results["clean_error"] is not None:
+            results["mean"]["relative_mce"] = relative_mean_corruption_error(
+                rows, results["clean_error"], baseline_cells, base["clean_error"])
         results["baseline"] = str(baseline)
         results["mce_cells"] = [[c, s] for c, s in grid]
     results["fingerprints"] = fingerprints

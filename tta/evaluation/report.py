@@ -10,10 +10,20 @@ its replicates, shown as mean +- sample standard deviation over seeds. Each entr
 its method plus whatever differs between the entries, e.g. ``blend prior=16 bs=8``.
 
 Intervals are 95% Wilson score intervals (Wilson 1927) of a binomial proportion, from
-``round(accuracy * n)`` correct of ``n`` images. The interval of a mean over cells (or seeds)
-is Wilson on the pooled counts; it treats all pooled predictions as independent, but every
-cell holds the same ``n`` images corrupted differently, so it understates the uncertainty
-about the image sample (a lower bound on it).
+``round(accuracy * n)`` correct of ``n`` images, ``n`` the run's ``num_examples``: the distinct
+images of every cell. A stream that shows an image several times (``gradual`` visits most
+severities twice) records the visits in the cell's ``num_examples`` and its accuracy over all
+of them; the visits of one image are not independent draws, so they do not narrow the interval.
+The interval of a mean over cells (or seeds) is Wilson on the counts pooled over its cells, each
+cell counting ``n`` images, so the pooled proportion is the (unweighted) mean shown; it treats
+the pooled predictions as independent, but every cell holds the same ``n`` images corrupted
+differently, so it understates the uncertainty about the image sample (a lower bound on it).
+
+A results.json whose numbers are not finite or do not agree with each other (recovered =
+accuracy - source accuracy, error = 1 - accuracy, gap closed = recovered / (clean - source
+accuracy), accuracies that are not a count of ``num_examples``, a confusion matrix that does not
+give the accuracy, ``mean``/``per_severity``/``per_corruption`` that are not the means of their
+cells) is refused as unreadable (:func:`load_runs`), never reported.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from tta.evaluation.results import ERROR_JSON, RESULTS_JSON, atomic_write_bytes, read_json
+from tta.evaluation.published import published_sections
 
 __all__ = ["load_runs", "group_key", "group_runs", "label_runs", "wilson_interval",
            "recovered_table", "accuracy_tables", "summary_table", "markdown_table",
@@ -85,6 +96,128 @@ def _problem(run: Any) -> str | None:
     clean = run.get("clean_accuracy")
     if clean is not None and (not isinstance(clean, (int, float)) or not 0 <= clean <= 1):
         return f"clean_accuracy must be null or in [0, 1], got {clean!r}"
+    return _inconsistency(run)
+
+
+# cell metrics summarised in results.json's mean, per_severity and per_corruption (their means)
+_SUMMARY_KEYS = ("source_accuracy", "accuracy", "recovered", "source_error", "error", "source_ece",
+                 "ece", "shift_score", *_ESTIMATE_KEYS)
+_TOLERANCE = 1e-9  # float64 sums of at most a few thousand terms
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _close(value: Any, expected: float | None) -> bool:
+    if expected is None or value is None:
+        return value is None and expected is None
+    return _finite(value) and math.isclose(value, expected, rel_tol=_TOLERANCE, abs_tol=_TOLERANCE)
+
+
+def _gap_closed(recovered: float, clean: Any, source: float) -> float | None:
+    """recovered / (clean - source accuracy), None without clean accuracy or gap (as the pipeline)."""
+    return None if clean is None or clean - source <= 1e-12 else recovered / (clean - source)
+
+
+def _count_problem(name: str, accuracy: float, n: int) -> str | None:
+    """Whether ``accuracy`` is a count of ``n`` predictions (``k / n``)."""
+    if abs(accuracy * n - round(accuracy * n)) > 1e-6:
+        return f"{name} {accuracy!r} is not a count of its {n} predictions"
+    return None
+
+
+def _confusion_problem(name: str, confusion: Any, accuracy: float, n: int) -> str | None:
+    if confusion is None:
+        return None
+    if not isinstance(confusion, list) or not all(
+            isinstance(row, list) and len(row) == len(confusion)
+            and all(type(k) is int and k >= 0 for k in row) for row in confusion):
+        return f"{name} is not a square matrix of counts"
+    total = sum(map(sum, confusion))
+    trace = sum(row[i] for i, row in enumerate(confusion))
+    if total != n or not _close(accuracy, trace / max(total, 1)):
+        return f"{name} (trace {trace} of {total}) does not give the accuracy {accuracy!r} of {n} predictions"
+    return None
+
+
+def _summary_problem(where: str, summary: Any, cells: Sequence[Mapping[str, Any]], clean: Any) -> str | None:
+    """Why ``summary`` (results.json's ``mean`` or one of ``per_severity``/``per_corruption``)
+    is not the summary of ``cells`` (means of the cell metrics; gap closed of the means), or None."""
+    if not isinstance(summary, dict):
+        return f"{where} must be an object, got {json.dumps(summary)[:40]}"
+    means = {k: _mean(c.get(k) for c in cells) for k in _SUMMARY_KEYS}
+    for key in _SUMMARY_KEYS:
+        if key in summary and not _close(summary[key], means[key]):
+            return f"{where}.{key} is {summary[key]!r} but the mean of its cells is {means[key]!r}"
+    gap = summary.get("gap_closed")
+    if gap is not None and not _close(gap, _gap_closed(means["recovered"], clean, means["source_accuracy"])):
+        return (f"{where}.gap_closed is {gap!r} but recovered / (clean - source accuracy) is "
+                f"{_gap_closed(means['recovered'], clean, means['source_accuracy'])!r}")
+    for key in ("mce", "ce"):
+        value = summary.get(key)
+        if value is not None and not (_finite(value) and value >= 0):
+            return f"{where}.{key} is {value!r}, not a finite number >= 0"
+    return None
+
+
+def _inconsistency(run: dict[str, Any]) -> str | None:
+    """Why the numbers of ``run`` (passed :func:`_problem`'s structural checks) are not finite
+    or disagree with each other, or None (see the module docstring)."""
+    n, clean = run.get("num_examples"), run.get("clean_accuracy")
+    if n is not None and (type(n) is not int or n < 1):
+        return f"num_examples must be a positive int (images per cell) or null, got {n!r}"
+    if n is not None and clean is not None and (why := _count_problem("clean_accuracy", clean, n)):
+        return why
+    if run.get("clean_error") is not None and not _close(run["clean_error"], None if clean is None else 1 - clean):
+        return f"clean_error {run['clean_error']!r} is not 1 - clean_accuracy {clean!r}"
+    speed = run.get("images_per_second")
+    if speed is not None and not (_finite(speed) and speed > 0):
+        return f"images_per_second must be null or a finite number > 0, got {speed!r}"
+    for i, cell in enumerate(run["cells"]):
+        where = f"cells[{i}] ({cell['corruption']}, severity {cell['severity']})"
+        for key in ("recovered", "gap_closed", "source_error", "error", "source_ece", "ece"):
+            value = cell.get(key)
+            if value is not None and not _finite(value):
+                return f"{where} has {key} {value!r}, not a finite number"
+        for key in ("source_ece", "ece"):
+            if cell.get(key) is not None and not 0 <= cell[key] <= 1:
+                return f"{where} has {key} {cell[key]!r}, not in [0, 1]"
+        source, accuracy = cell["source_accuracy"], cell["accuracy"]
+        if not _close(cell["recovered"], accuracy - source):
+            return f"{where} has recovered {cell['recovered']!r} but accuracy - source_accuracy is {accuracy - source!r}"
+        for key, value in (("error", accuracy), ("source_error", source)):
+            if cell.get(key) is not None and not _close(cell[key], 1 - value):
+                return f"{where} has {key} {cell[key]!r} but 1 - its accuracy is {1 - value!r}"
+        gap = cell.get("gap_closed")
+        if gap is not None and not _close(gap, _gap_closed(cell["recovered"], clean, source)):
+            return (f"{where} has gap_closed {gap!r} but recovered / (clean - source accuracy) is "
+                    f"{_gap_closed(cell['recovered'], clean, source)!r}")
+        visits = cell.get("num_examples", n)
+        if visits is not None and (type(visits) is not int or visits < 1
+                                   or (n is not None and visits % n != 0)):
+            return (f"{where} has num_examples {visits!r}: not a positive multiple of the run's "
+                    f"{n!r} images (each image seen once or more)")
+        problems = ([] if n is None else [_count_problem(f"{where} source_accuracy", source, n),
+                                          _confusion_problem(f"{where} source_confusion",
+                                                             cell.get("source_confusion"), source, n)])
+        if visits is not None:
+            problems += [_count_problem(f"{where} accuracy", accuracy, visits),
+                         _confusion_problem(f"{where} confusion", cell.get("confusion"), accuracy, visits)]
+        if why := next((p for p in problems if p), None):
+            return why
+    cells = run["cells"]
+    if "mean" in run and (why := _summary_problem("mean", run["mean"], cells, clean)):
+        return why
+    for name, field_of in (("per_severity", lambda c: str(c["severity"])), ("per_corruption", lambda c: c["corruption"])):
+        summaries = run.get(name)
+        if summaries is None:
+            continue
+        if not isinstance(summaries, dict) or set(summaries) != {field_of(c) for c in cells}:
+            return f"{name} must be an object with one entry per {name[4:]} of the cells"
+        for key, summary in summaries.items():
+            if why := _summary_problem(f"{name}[{key!r}]", summary, [c for c in cells if field_of(c) == key], clean):
+                return why
     return None
 
 
@@ -384,13 +517,16 @@ def _cell_mean(run: Mapping[str, Any], key: str, corruption: str | None = None,
 def _counts(runs: Sequence[Mapping[str, Any]], key: str, corruption: str | None = None,
             severity: int | None = None) -> tuple[int, int] | None:
     """Pooled (correct, images) of accuracy ``key`` over the runs' matching cells (or, for
-    ``clean_accuracy``, over the runs), None when a count is unknown."""
+    ``clean_accuracy``, over the runs), None when a count is unknown. Every cell counts the
+    run's ``num_examples`` distinct images, also when the stream showed them several times
+    (the cell's own ``num_examples`` counts the visits), so the pooled proportion is the
+    unweighted mean over cells."""
     correct = total = 0
     for run in runs:
-        items = [(run.get(key), run.get("num_examples"))] if key == "clean_accuracy" else \
-            [(c.get(key), c.get("num_examples", run.get("num_examples")))
-             for c in _cells(run, corruption, severity)]
-        for value, n in items:
+        n = run.get("num_examples")
+        values = [run.get(key)] if key == "clean_accuracy" else \
+            [c.get(key) for c in _cells(run, corruption, severity)]
+        for value in values:
             if value is None or not isinstance(n, int) or n < 1:
                 return None
             correct, total = correct + round(value * n), total + n
@@ -571,7 +707,8 @@ def _report_csv(groups: Sequence[Group]) -> str:
         for entry in group.entries:
             for run in entry.runs:
                 rows = [dict(cell, source_worst_class_accuracy=_worst_class(cell.get("source_confusion")),
-                             worst_class_accuracy=_worst_class(cell.get("confusion")))
+                             worst_class_accuracy=_worst_class(cell.get("confusion")),
+                             num_examples=run.get("num_examples"))  # distinct images, not visits
                         for cell in run["cells"]]
                 for corruption, severity in ([(None, s) for s in severities]
                                              + [(c, None) for c in names] + [(None, None)]):
@@ -803,7 +940,7 @@ def write_report(paths: Iterable[str | Path], out: str | Path, plots: bool = Tru
 
     Returns:
         ``{"markdown", "recovered" (the recovered-accuracy table(s) as Markdown), "files",
-        "runs", "labels" (per run), "groups", "errors" (failed and unreadable jobs, see
+        "runs", "labels" (per run), "groups", "errors" (failed, unreadable and ignored jobs, see
         :func:`load_runs`), "warnings" ([{"path", "label", "warning"}]: the runs' own warnings,
         ignored nested outcomes, grouping problems)}``.
 
@@ -813,7 +950,7 @@ def write_report(paths: Iterable[str | Path], out: str | Path, plots: bool = Tru
     """
     paths, out = [str(p) for p in paths], Path(out)
     runs, problems = load_runs(paths)
-    errors = [p for p in problems if p["kind"] != "ignored"]
+    errors = problems  # an ignored (nested) outcome is a job left out: it fails the command too
     if not runs:
         raise ValueError(f"no readable results.json found below {paths}" + "".join(
             f"\n  {e['kind']}: {e['file']}: {e['error_type']}: {e['error']}" for e in errors))
@@ -835,7 +972,8 @@ def write_report(paths: Iterable[str | Path], out: str | Path, plots: bool = Tru
                 "recovered / (clean - source accuracy); ECE with 15 bins. A group shares one "
                 "source baseline (model, dataset, images per cell, corruption preset, cells); "
                 "nothing is averaged across groups. `[low, high]`: 95% Wilson interval from the "
-                "correct/total counts; for a mean, Wilson on the counts pooled over its cells "
+                "correct of the cell's distinct images (an image a stream shows twice counts "
+                "once); for a mean, Wilson on the counts pooled over its cells "
                 "(and seeds), which treats them as independent although every cell holds the "
                 "same images, so it understates the uncertainty. `±`: sample standard "
                 "deviation over seeds."]
@@ -870,6 +1008,7 @@ def write_report(paths: Iterable[str | Path], out: str | Path, plots: bool = Tru
                              markdown_table(*recovered_table(group, severity))]
         for severity, table in accuracy_tables(group).items():
             sections += ["", f"{h} Accuracy (%) at severity {severity}", "", markdown_table(*table)]
+        sections += published_sections(group.runs, label_of, h)
         for label, table in chosen_prior_tables(group).items():
             sections += ["", f"{h} Prior N chosen without labels: {label}", "",
                          "Per cell the lower median of the N chosen for its batches (`inf`: source "

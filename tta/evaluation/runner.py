@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import statistics
 import time
 from collections import Counter
@@ -17,7 +18,8 @@ from tta.evaluation.metrics import NUM_BINS, CalibrationCounts, ConfusionCounts
 from tta.evaluation.streams import get_stream
 from tta.label_free import AccuracyEstimator, observe
 
-__all__ = ["Cell", "LabelFree", "evaluate", "method_hparams", "build_adapter", "SWEEP_KEYS"]
+__all__ = ["Cell", "LabelFree", "evaluate", "method_hparams", "build_adapter", "check_source_images",
+           "SWEEP_KEYS"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +133,31 @@ def method_hparams(method: str, params: Mapping[str, Any] | None) -> dict[str, A
     return params
 
 
+def check_source_images(method: str, params: Mapping[str, Any], available: int | None) -> int | None:
+    """The number of in-distribution images that ``params`` asks ``method`` to take (its
+    ``source_images`` hyper-parameter given as an int k in the config, e.g. EATA's
+    ``fisher_images``), checked before any work; None when the method takes none or ``params``
+    passes the images themselves.
+
+    Raises:
+        TypeError: a bool, or another type than an int, a tensor or an iterable of batches.
+        ValueError: k outside [1, ``available``] (``available``: the clean images of the
+            benchmark; None: not known yet, only k >= 1 is checked); never truncated.
+    """
+    key = getattr(tta.methods.get_method(method), "source_images", None)
+    value = None if key is None else params.get(key)
+    if key is None or value is None or isinstance(value, (Tensor, list, tuple)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"adapt.{key} must be an int (how many clean images of the benchmark), got "
+                        f"{value!r} ({type(value).__name__}) (adapt={method})")
+    high = "the number of clean images" if available is None else available
+    if value < 1 or (available is not None and value > available):
+        raise ValueError(f"adapt.{key} must be an int in [1, {high}], got {value!r} (adapt={method}; "
+                         f"a larger value is not truncated: set adapt.{key} or num_examples)")
+    return int(value)
+
+
 def build_adapter(model: nn.Module, method: str, params: Mapping[str, Any] | None, *,
                   source_images: Tensor | None = None, device: str | torch.device = "cpu") -> tta.Adapter:
     """``tta.adapt(model, method, **hparams)`` on ``device`` in eval mode.
@@ -138,15 +165,17 @@ def build_adapter(model: nn.Module, method: str, params: Mapping[str, Any] | Non
     A method that estimates something on in-distribution data (its class attribute
     ``source_images`` names that hyper-parameter, e.g. EATA's ``fisher_images``) may be given
     an int k in the config: the first k of ``source_images`` (uint8 (N, C, H, W), the clean
-    images of the benchmark; their labels are never used) are passed as float [0, 1] input.
+    images of the benchmark; their labels are never used) are passed as float [0, 1] input;
+    k must be in [1, N] (:func:`check_source_images`).
     """
     hparams = method_hparams(method, params)
     key = getattr(tta.methods.get_method(method), "source_images", None)
-    if key is not None and isinstance(hparams.get(key), int) and not isinstance(hparams[key], bool):
+    count = check_source_images(method, hparams, None if source_images is None else len(source_images))
+    if count is not None:
         if source_images is None:
-            raise ValueError(f"adapt={method} needs {hparams[key]} in-distribution images for "
+            raise ValueError(f"adapt={method} needs {count} in-distribution images for "
                              f"adapt.{key}, but this benchmark has no clean images (dataset.clean)")
-        hparams[key] = _to_float(source_images[:hparams[key]], torch.device(device))
+        hparams[key] = _to_float(source_images[:count], torch.device(device))
     model.to(device).eval()
     try:
         return tta.adapt(model, method, **hparams)

@@ -25,7 +25,7 @@ from torch import Tensor
 from tta._registry import Registry
 
 __all__ = ["Segment", "Stream", "register_stream", "get_stream", "list_streams", "dirichlet_order",
-           "imbalance_subset"]
+           "imbalance_subset", "imbalance_factor", "mixture_clean_count"]
 
 
 @dataclass
@@ -165,11 +165,6 @@ def _dirichlet_segments(cells: Sequence[tuple[str, int]], targets: Tensor, seed:
                       reset=True)
 
 
-def _check_fraction_below_one(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"stream.{name} must be in [0, 1), got {value!r}")
-
-
 def _gradual_segments(cells: Sequence[tuple[str, int]], targets: Tensor, seed: int) -> Iterator[Segment]:
     # CoTTA's gradual protocol (cifar10c_gradual.py): one reset at the start; the first
     # corruption from the highest severity down, every later one up and back down
@@ -190,17 +185,35 @@ def imbalance_subset(targets: Tensor, seed: int, factor: float) -> Tensor:
     (seeded), class k of C keeps ``floor(n_max * factor ** (-k / (C - 1)))`` of its images
     (n_max: the smallest class count, so every class can supply its share), the exponential
     profile of CIFAR-10-LT (Cui et al., CVPR 2019); ``factor`` = largest / smallest class size.
-    Sorted indices into ``targets``."""
+    Sorted indices into ``targets``. The floors make the achieved factor
+    (:func:`imbalance_factor` of the subset's labels) differ from ``factor`` when n_max is small.
+
+    Raises:
+        ValueError: ``n_max < factor``: the smallest class would keep no image, so the profile
+            cannot be built (the message names n_max, the requested factor and the fix).
+    """
     targets = np.asarray(targets)
     classes = np.unique(targets)
     rng = np.random.default_rng([seed, 10])
     ranked = rng.permutation(classes)
     n_max = min(int((targets == c).sum()) for c in classes)
+    if len(classes) > 1 and n_max < factor:
+        raise ValueError(f"stream.factor={factor!r} needs at least {math.ceil(factor)} images in every "
+                         f"class (the smallest class keeps n_max / factor of them), but the smallest class "
+                         f"of these {len(targets)} images has {n_max}: use more images (num_examples) or "
+                         f"a factor <= {n_max}")
     keep = []
     for k, label in enumerate(ranked):
         count = int(n_max * factor ** (-k / max(len(classes) - 1, 1)))
-        keep.append(rng.permutation(np.flatnonzero(targets == label))[:max(count, 1)])
+        keep.append(rng.permutation(np.flatnonzero(targets == label))[:max(count, 1)])  # float rounding
     return torch.as_tensor(np.sort(np.concatenate(keep)), dtype=torch.long)
+
+
+def imbalance_factor(targets: Tensor) -> tuple[dict[int, int], float]:
+    """The per-class image counts of ``targets`` (N,) (classes present only) and the achieved
+    imbalance factor, largest / smallest count."""
+    labels, counts = np.unique(np.asarray(targets), return_counts=True)
+    return {int(k): int(v) for k, v in zip(labels, counts)}, float(counts.max() / counts.min())
 
 
 def _check_imbalance(params: dict) -> None:
@@ -219,7 +232,25 @@ def _imbalance_segments(cells: Sequence[tuple[str, int]], targets: Tensor, seed:
 
 
 def _check_mixture(params: dict) -> None:
-    _check_fraction_below_one("clean_fraction", check_real("stream.clean_fraction", params["clean_fraction"]))
+    fraction = check_real("stream.clean_fraction", params["clean_fraction"])
+    if not 0.0 < fraction < 1.0:  # 0: no clean image, so no clean accuracy nor forgetting
+        raise ValueError(f"stream.clean_fraction must be in (0, 1) (the clean share of the stream; its "
+                         f"accuracy and the forgetting need clean images), got {fraction!r}")
+
+
+def mixture_clean_count(n: int, clean_fraction: float) -> int:
+    """The clean images shuffled into each segment of ``mixture`` beside ``n`` corrupted ones:
+    ``round(n * f / (1 - f))``, so that they are the fraction f of the segment.
+
+    Raises:
+        ValueError: the count rounds to 0 (no clean accuracy could be measured).
+    """
+    k = round(n * clean_fraction / (1.0 - clean_fraction))
+    if k < 1:
+        raise ValueError(f"stream.clean_fraction={clean_fraction!r} of {n} images per cell rounds to no "
+                         f"clean image, so there would be no clean accuracy nor forgetting: use a larger "
+                         f"clean_fraction or more images (num_examples)")
+    return k
 
 
 def _mixture_segments(cells: Sequence[tuple[str, int]], targets: Tensor, seed: int,
@@ -231,7 +262,7 @@ def _mixture_segments(cells: Sequence[tuple[str, int]], targets: Tensor, seed: i
         raise ValueError("stream=mixture needs the clean images as the cell ('clean', 0)")
     clean = cells.index(("clean", 0))
     n = len(targets)
-    k = round(n * clean_fraction / (1.0 - clean_fraction))
+    k = mixture_clean_count(n, clean_fraction)
     rng = np.random.default_rng([seed, 12])
     pool = np.empty(0, dtype=np.int64)
     corrupted = [i for i in range(len(cells)) if i != clean]

@@ -250,7 +250,10 @@ def _check_labelled(batch: Any) -> tuple[Tensor, Tensor]:
 
 
 def _fit_logistic(x: np.ndarray, correct: np.ndarray) -> dict[str, Any]:
-    from sklearn.linear_model import LogisticRegression
+    from tta._extras import require_extra
+
+    with require_extra("sklearn", "the label-free accuracy estimator"):
+        from sklearn.linear_model import LogisticRegression
 
     if correct.min() == correct.max():
         raise ValueError("fit_accuracy_estimator: every prediction is " + ("right" if correct[0] else "wrong") +

@@ -26,6 +26,7 @@ from tta.models.checkpoint import (
     attach_metadata,
     extract_state_dict,
     load_checkpoint,
+    load_weights,
     model_info,
     read_metadata,
     save_checkpoint,
@@ -42,6 +43,7 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "extract_state_dict",
+    "load_weights",
     "CheckpointError",
     "UnsafeCheckpointError",
     "InputNormalization",
@@ -170,11 +172,13 @@ def list_models() -> list[str]:
 
 
 def _register_builtin() -> None:
-    from tta.models import resnet, torchvision as tv, wideresnet
+    from tta.models import augmix, resnet, torchvision as tv, wideresnet
 
     for builder in (resnet.resnet8, resnet.resnet14, resnet.resnet20, resnet.resnet32, resnet.resnet44, resnet.resnet56):
         register_model(builder.__name__)(builder)
     register_model("wide_resnet28_10")(wideresnet.wide_resnet28_10)
+    register_model("wide_resnet40_2")(augmix.wide_resnet40_2)
+    register_model("resnext29_32x4d")(augmix.resnext29_32x4d)
     for name in tv.TORCHVISION_CLASSIFIERS:
         register_model(name)(functools.partial(tv.build_torchvision_classifier, name))
 

@@ -34,6 +34,7 @@ __all__ = [
     "load_checkpoint",
     "save_checkpoint",
     "extract_state_dict",
+    "load_weights",
     "METADATA_KEY",
     "METADATA_FORMAT",
     "make_metadata",
@@ -158,6 +159,49 @@ def extract_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
     if state and all(key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
     return dict(state)
+
+
+def load_weights(model: nn.Module, weights: Any, source: str | os.PathLike | None = None) -> nn.Module:
+    """Loads ``weights`` into ``model`` with ``strict=True`` and returns ``model``.
+
+    Args:
+        model: the built architecture.
+        weights: a checkpoint path (read by :func:`load_checkpoint`) or an already loaded
+            checkpoint; any layout :func:`extract_state_dict` accepts (a bare state_dict,
+            ``{"state_dict": ...}``, ``{"model": ...}``, ``module.`` prefixes).
+        source: how to name the weights in errors (default: the path, or "the checkpoint").
+
+    Raises:
+        FileNotFoundError, CheckpointError: as :func:`load_checkpoint` / :func:`extract_state_dict`.
+        CheckpointError: the keys or shapes do not fit ``model``; the message names the file,
+            the architecture and the missing, unexpected and mis-shaped keys (first 5 each).
+    """
+    if isinstance(weights, (str, os.PathLike)):
+        source = os.fspath(weights) if source is None else source
+        weights = load_checkpoint(weights)
+    source = "the checkpoint" if source is None else os.fspath(source)
+    state = extract_state_dict(weights)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        from tta.models.normalization import Normalized
+
+        bare = isinstance(model, Normalized) and not any(k.startswith("model.") for k in state)
+        expected = (model.model if bare else model).state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = sorted(f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})"
+                        for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+
+        def show(keys: list[str]) -> str:
+            return f"{len(keys)} {keys[:5]}{' ...' if len(keys) > 5 else ''}"
+
+        detail = (f"missing keys {show(missing)}, unexpected keys {show(unexpected)}, "
+                  f"shape mismatches {show(shapes)}" if missing or unexpected or shapes
+                  else str(error).splitlines()[-1].strip())
+        raise CheckpointError(f"{source} does not fit the {type(model).__name__} architecture "
+                              f"(strict loading): {detail}") from None
+    return model
 
 
 # ---------------------------------------------------------------- metadata

@@ -9,7 +9,9 @@ Two forms, chosen so that checkpoints keep their key names:
 * :class:`Normalized` wraps a model that has no normalisation of its own (torchvision
   classifiers). Its ``state_dict`` keys are the inner model's keys under ``model.``, and its
   :meth:`Normalized.load_state_dict` also accepts the bare keys of the inner model, so a
-  user's checkpoint saved from the unwrapped model still loads with ``strict=True``.
+  user's checkpoint saved from the unwrapped model still loads with ``strict=True``; so does
+  a checkpoint of RobustBench's ``normalize_model(model, mean, std)`` (``normalize.mean``,
+  ``normalize.std``, ``model.*``: its ImageNet models), whose mean/std must equal ours.
 """
 from __future__ import annotations
 
@@ -114,6 +116,18 @@ class Normalized(nn.Module):
         return self.model(self.normalize(input))
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
-        if state_dict and not any(key.startswith("model.") for key in state_dict):
-            return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        """Also accepts RobustBench's ``normalize_model`` layout, whose ``normalize.mean`` and
+        ``normalize.std`` are persistent: they are checked against this model's values (a
+        ``ValueError`` names both when they differ) and not loaded."""
+        state = dict(state_dict)
+        for key in ("mean", "std"):
+            given = state.pop(f"normalize.{key}", None)
+            own = getattr(self.normalize, key)
+            if given is not None and (given.numel() != own.numel() or not torch.allclose(
+                    given.detach().flatten().double().cpu(), own.flatten().double().cpu())):
+                raise ValueError(f"the checkpoint's normalize.{key} {given.flatten().tolist()} differs "
+                                 f"from this model's input {key} {own.flatten().tolist()}: build the "
+                                 f"model with {key}={given.flatten().tolist()}")
+        if state and not any(key.startswith("model.") for key in state):
+            return self.model.load_state_dict(state, strict=strict, assign=assign)
+        return super().load_state_dict(state, strict=strict, assign=assign)

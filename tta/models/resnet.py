@@ -121,9 +121,9 @@ def _make(depth: int):
     def build(num_classes: int = 10, in_channels: int = 3, weights: str | None = None, **kwargs) -> ResNet:
         model = ResNet(depth=depth, num_classes=num_classes, in_channels=in_channels, **kwargs)
         if weights is not None:
-            from tta.models.checkpoint import extract_state_dict, load_checkpoint
+            from tta.models.checkpoint import load_weights
 
-            model.load_state_dict(extract_state_dict(load_checkpoint(weights)), strict=True)
+            load_weights(model, weights)
         return model
 
     build.__name__ = f"resnet{depth}"

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tta.models.checkpoint import extract_state_dict, load_checkpoint
+from tta.models.checkpoint import load_weights
 from tta.models.normalization import IMAGENET_MEAN, IMAGENET_STD, Normalized
 
 __all__ = ["TORCHVISION_CLASSIFIERS", "build_torchvision_classifier", "resolve_weights_file"]
@@ -88,7 +88,9 @@ def build_torchvision_classifier(
         num_classes: number of outputs.
         in_channels: must be 3 (torchvision classifiers are RGB).
         weights: ``None`` (random init), a local checkpoint path, or a weights name (see
-            :func:`resolve_weights_file`). Loaded with ``strict=True``.
+            :func:`resolve_weights_file`). Loaded with ``strict=True``: torchvision's keys, or
+            RobustBench's ``normalize_model`` keys (``model.*``, ``normalize.mean/std``),
+            nested (``{"state_dict": ...}``) or ``module.``-prefixed.
         normalize: wrap the model in :class:`~tta.models.normalization.Normalized` with
             ``mean``/``std`` (ImageNet statistics by default).
         download: allow fetching named weights into the torch hub cache.
@@ -99,9 +101,8 @@ def build_torchvision_classifier(
     if in_channels != 3:
         raise ValueError(f"torchvision classifiers take 3 input channels, got in_channels={in_channels}")
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
-    if weights is not None:
-        path = resolve_weights_file(name, weights, download=download)
-        model.load_state_dict(extract_state_dict(load_checkpoint(path)), strict=True)
     if normalize:
         model = Normalized(model, mean, std)
+    if weights is not None:  # bare torchvision keys, or RobustBench's normalize_model layout
+        load_weights(model, resolve_weights_file(name, weights, download=download))
     return model

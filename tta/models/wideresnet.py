@@ -118,7 +118,7 @@ def wide_resnet28_10(num_classes: int = 10, in_channels: int = 3, weights: str |
     """WideResNet-28-10; ``weights`` is an optional local checkpoint (e.g. RobustBench ``Standard.pt``)."""
     model = WideResNet(depth=28, widen_factor=10, num_classes=num_classes, in_channels=in_channels, **kwargs)
     if weights is not None:
-        from tta.models.checkpoint import extract_state_dict, load_checkpoint
+        from tta.models.checkpoint import load_weights
 
-        model.load_state_dict(extract_state_dict(load_checkpoint(weights)), strict=True)
+        load_weights(model, weights)
     return model
