@@ -121,7 +121,7 @@ def _run(app, overrides, out: Path) -> dict:
 def test_published_numbers_are_recorded_and_consistent(name):
     published = load_published(name)
     assert published == _compose([f"+experiment={name}", "model.weights=x", "dataset.root=x",
-                                   "+dataset.kwargs.list_file=x"]).published  # the composed run records it
+                                   "++dataset.kwargs.list_file=x"]).published  # the composed run records it
     for method, entry in published["results"].items():
         assert entry["overrides"][0] == f"adapt={method}" and method in tta.methods.list_methods()
         values = entry.get("per_corruption")
@@ -142,9 +142,9 @@ def test_configs_refuse_to_run_without_their_files(monkeypatch):
         cfg = _compose([f"+experiment={name}"])
         with pytest.raises(error, match=missing):
             OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # as scripts/evaluate.py does
-    cfg = _compose(["+experiment=online_tta_imagenet_c", "dataset.root=x"])
-    with pytest.raises(MissingMandatoryValue, match="list_file"):
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    cfg = _compose(["+experiment=online_tta_imagenet_c", "dataset.root=x"])  # RobustBench's list is built in
+    assert OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)["dataset"]["kwargs"] == {
+        "list_file": "robustbench5000"}
     with pytest.raises(FileNotFoundError, match="available: \\['online_tta_imagenet_c'"):
         load_published("tent_imagenet")
 

@@ -133,6 +133,8 @@ def _images(data: Dataset) -> tuple[Tensor, Tensor]:
     images, targets = getattr(data, "images", None), _targets(data)
     if isinstance(images, Tensor) and images.dtype == torch.uint8 and targets is not None:
         return images[:n].contiguous(), targets
+    if callable(getattr(data, "load_images", None)):  # decodes in parallel (ImageNetC)
+        return data.load_images()
     # generic map-style dataset of float [0, 1] images: stack and quantise to uint8
     pairs = [data[i] for i in range(n)]
     stacked = torch.stack([torch.as_tensor(image) for image, _ in pairs])
@@ -748,15 +750,13 @@ def run_benchmark(
     def loader(corruption: str, severity: int):
         key = cell_keys[corruption, severity]
 
-        def load() -> Tensor:
-            images = cell_cache.get(key, shape=cell_shape)
-            if images is None:
-                if precorrupted:
-                    images = _images(opened[corruption, severity])[0]
-                else:
-                    images = tta.corrupt(cell_source, corruption, severity, preset=preset,
-                                         seed=seed)
-                cell_cache.put(key, images)
+        def compute() -> Tensor:
+            if precorrupted:
+                return _images(opened[corruption, severity])[0]
+            return tta.corrupt(cell_source, corruption, severity, preset=preset, seed=seed)
+
+        def load() -> Tensor:  # concurrent jobs compute a cell once (the key's file lock)
+            images = cell_cache.get_or_compute(key, compute, shape=cell_shape)
             return images if subset is None else images[subset]
 
         return load

@@ -330,45 +330,148 @@ def corruption_code_hash() -> str:
 class CellCache:
     """Corrupted images as ``.npy`` files under ``directory/cells``, keyed by content hash;
     ``directory=None`` disables the disk cache. Recently used cells are also kept in memory
-    (``memory`` of them), so the jobs of a basic-launcher sweep share them within a process."""
+    (``memory`` of them), so the jobs of a basic-launcher sweep share them within a process.
+
+    Safe for concurrent jobs (processes, threads, Slurm tasks on a shared file system with
+    working ``flock``): every read, write and eviction of a cell holds the cell's lock file
+    ``cells/<key>.lock`` (:class:`filelock.FileLock`), and :meth:`get_or_compute` computes a
+    cell that is missing while holding it, so that a cell is computed once and other jobs wait
+    for it and read it. Files are written atomically (temporary file, then rename).
+
+    Args:
+        directory: the cache directory (``cells/`` is created inside), or None.
+        memory: how many cells to keep in memory (shared by all instances of a process).
+        max_gb: bound on the total size of the ``.npy`` files, in GB (10**9 bytes); default
+            ``$TTA_CACHE_MAX_GB``, else None (unbounded). Before a cell is written the least
+            recently used cells (file mtime, renewed on every read) are deleted until it fits;
+            a cell whose lock another job holds (being read or computed) is skipped. Bounded
+            writes take turns (``cells/.evict.lock``). A cell larger than the bound is not
+            written (a warning says so).
+
+    Raises:
+        ValueError: ``max_gb`` (or ``$TTA_CACHE_MAX_GB``) is not a positive number.
+    """
 
     _memory: dict[str, Tensor] = {}
 
-    def __init__(self, directory: str | os.PathLike | None, memory: int = 16) -> None:
+    def __init__(self, directory: str | os.PathLike | None, memory: int = 16,
+                 max_gb: float | None = None) -> None:
+        if max_gb is None and os.environ.get("TTA_CACHE_MAX_GB"):
+            try:
+                max_gb = float(os.environ["TTA_CACHE_MAX_GB"])
+            except ValueError:
+                raise ValueError(f"TTA_CACHE_MAX_GB must be a positive number of GB, got "
+                                 f"{os.environ['TTA_CACHE_MAX_GB']!r}") from None
+        if max_gb is not None and (isinstance(max_gb, bool) or not isinstance(max_gb, (int, float))
+                                   or not 0 < max_gb < float("inf")):
+            raise ValueError(f"max_gb (TTA_CACHE_MAX_GB) must be a positive number of GB or None, got {max_gb!r}")
         self.directory = None if directory is None else Path(directory) / "cells"
         self.memory = memory
+        self.max_bytes = None if max_gb is None else int(max_gb * 1e9)
+
+    def _lock(self, key: str) -> FileLock:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.directory / f"{key}.lock", is_singleton=True)  # re-entrant per key
 
     def get(self, key: str, shape: tuple[int, ...] | None = None) -> Tensor | None:
         """The cached uint8 images of ``key``, or None when there are none. An unreadable file,
         or one that is not uint8 or (given ``shape``) not of that shape, is ignored with a
         warning naming it, so that the caller recomputes (and overwrites) the cell."""
-        path = None if self.directory is None else self.directory / f"{key}.npy"
         images = self._memory.get(key)
-        if images is None and path is not None and path.exists():
-            try:
-                images = torch.from_numpy(np.load(path, allow_pickle=False))
-            except (OSError, ValueError, EOFError, TypeError) as error:
-                logger.warning("ignoring unreadable cache file %s: %s", path, error)
-                return None
+        if self.directory is not None:
+            with self._lock(key):
+                images = self._read(key) if images is None else self._touch(key, images)
         if images is None:
             return None
-        if images.dtype != torch.uint8 or (shape is not None
-                                           and tuple(images.shape) != tuple(shape)):
+        if images.dtype != torch.uint8 or (shape is not None and tuple(images.shape) != tuple(shape)):
             logger.warning("ignoring cache file %s: it holds %s %s, expected torch.uint8 %s",
-                           path or key, images.dtype, tuple(images.shape), shape)
+                           self.directory / f"{key}.npy" if self.directory else key, images.dtype,
+                           tuple(images.shape), shape)
             type(self)._memory.pop(key, None)
             return None
         self._remember(key, images)
-        if path is not None and not path.exists():
+        if self.directory is not None and not (self.directory / f"{key}.npy").exists():
             self.put(key, images)  # another cache directory than the one it came from
+        return images
+
+    def get_or_compute(self, key: str, compute: Callable[[], Tensor],
+                       shape: tuple[int, ...] | None = None) -> Tensor:
+        """The cached images of ``key`` (see :meth:`get`), else ``compute()``, stored. With a
+        directory, ``compute`` runs holding the key's lock: concurrent callers of one key wait,
+        then read the cell the first one wrote."""
+        with contextlib.nullcontext() if self.directory is None else self._lock(key):
+            images = self.get(key, shape)
+            if images is None:
+                images = compute()
+                self.put(key, images)
         return images
 
     def put(self, key: str, images: Tensor) -> None:
         self._remember(key, images)
-        if self.directory is not None:
-            buffer = io.BytesIO()
-            np.save(buffer, images.cpu().numpy(), allow_pickle=False)
-            atomic_write_bytes(self.directory / f"{key}.npy", buffer.getvalue())
+        if self.directory is None:
+            return
+        buffer = io.BytesIO()
+        np.save(buffer, images.cpu().numpy(), allow_pickle=False)
+        data = buffer.getvalue()
+        if self.max_bytes is not None and len(data) > self.max_bytes:
+            logger.warning("not caching cell %s: its %d bytes exceed the cache bound of %d bytes "
+                           "(TTA_CACHE_MAX_GB)", key, len(data), self.max_bytes)
+            return
+        bounded = self.max_bytes is not None  # one eviction and write at a time keeps the bound
+        with self._lock(key), FileLock(self.directory / ".evict.lock", is_singleton=True) if bounded \
+                else contextlib.nullcontext():
+            if bounded:
+                self._evict(len(data), keep=key)
+            atomic_write_bytes(self.directory / f"{key}.npy", data)
+
+    def _read(self, key: str) -> Tensor | None:
+        """The cell file of ``key`` (the caller holds its lock), its mtime renewed (LRU order)."""
+        path = self.directory / f"{key}.npy"
+        if not path.exists():
+            return None
+        try:
+            images = torch.from_numpy(np.load(path, allow_pickle=False))
+        except (OSError, ValueError, EOFError, TypeError) as error:
+            logger.warning("ignoring unreadable cache file %s: %s", path, error)
+            return None
+        return self._touch(key, images)
+
+    def _touch(self, key: str, images: Tensor) -> Tensor:
+        with contextlib.suppress(FileNotFoundError):  # a cell held in memory only
+            os.utime(self.directory / f"{key}.npy")
+        return images
+
+    def _evict(self, incoming: int, keep: str) -> None:
+        """Deletes the least recently used cells (not ``keep``, nor one whose lock another job
+        holds) until the other cells' total size plus ``incoming`` bytes (``keep``'s new
+        file) is within the bound."""
+        budget = self.max_bytes - incoming
+        cells = []
+        for path in self.directory.glob("*.npy"):
+            with contextlib.suppress(FileNotFoundError):  # deleted by an unbounded job meanwhile
+                stat = path.stat()
+                if path.stem != keep:
+                    cells.append((stat.st_mtime_ns, path.stem, stat.st_size))
+        total = sum(size for _, _, size in cells)
+        for _, key, size in sorted(cells):
+            if total <= budget:
+                break
+            lock = self._lock(key)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # another job reads or computes it
+            try:
+                (self.directory / f"{key}.npy").unlink(missing_ok=True)
+                type(self)._memory.pop(key, None)
+                total -= size
+                logger.info("cache bound: evicted cell %s (%d bytes)", key, size)
+            finally:
+                lock.release()
+        if total > budget:
+            logger.warning("cell cache %s: %d bytes with the new cell, over the bound of %d bytes "
+                           "(cells in use by other jobs are kept)", self.directory, total + incoming,
+                           self.max_bytes)
 
     def _remember(self, key: str, images: Tensor) -> None:
         memory = type(self)._memory
