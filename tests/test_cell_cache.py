@@ -117,3 +117,14 @@ def test_a_cell_over_the_bound_is_not_written_and_bad_bounds_are_refused(tmp_pat
         CellCache(tmp_path)
     monkeypatch.delenv("TTA_CACHE_MAX_GB")
     assert CellCache(tmp_path).max_bytes is None  # default: unbounded
+
+
+def test_a_cell_over_the_bound_is_served_from_memory_without_being_written_again(tmp_path, caplog):
+    # a cell too big for the bound stays in memory; reading it must not try to write it (and
+    # evict others) on every read
+    cache = CellCache(tmp_path, memory=16, max_gb=CELL_BYTES / 2 / 1e9)
+    with caplog.at_level(logging.WARNING):
+        cache.put("a", _cell(0))
+        for _ in range(3):
+            assert torch.equal(cache.get("a"), _cell(0))
+    assert _sizes(cache) == {} and caplog.text.count("not caching cell a") == 1

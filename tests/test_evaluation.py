@@ -541,6 +541,7 @@ def test_mixture_reports_the_clean_part_separately(tmp_path, bench):
                 corruptions=["fog", "contrast"])
     part = out["stream_clean"]
     assert part["num_examples"] == 2 * N  # N clean images beside each of the two cells
+    assert part["num_images"] == N  # drawn without replacement until all N are used, then again
     assert part["forgetting"] == pytest.approx(part["source_accuracy"] - part["accuracy"])
     assert [c["num_examples"] for c in out["cells"]] == [N, N]
     source = bench(tmp_path / "s", method="source", stream="mixture")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -260,3 +261,32 @@ def test_schneider_mce_runs_on_a_fixture_and_gives_the_alexnet_normalised_mce(tm
     by_hand = np.mean([sum(np.float64(c["error"]) for c in run["cells"] if c["corruption"] == name)
                        / (5 * PAPER_ALEXNET[name]) for name in FEW])
     assert run["baseline"] == "alexnet" and math.isclose(run["mean"]["mce"], by_hand, rel_tol=1e-6)
+
+
+def test_missing_files_are_one_line_naming_the_setting(monkeypatch):
+    from tta.apps import error_line
+
+    monkeypatch.delenv("TTA_ROBUSTBENCH_STANDARD", raising=False)
+    expected = {"tent_cifar10c": "model.weights could not be resolved (Environment variable "
+                                 "'TTA_ROBUSTBENCH_STANDARD' not found): pass model.weights=<value>",
+                "online_tta_imagenet_c": "dataset.root is not set: pass dataset.root=<value>",
+                "schneider_imagenet_c": "dataset.root is not set: pass dataset.root=<value>"}
+    for name, line in expected.items():
+        with pytest.raises((InterpolationResolutionError, MissingMandatoryValue)) as caught:
+            OmegaConf.to_container(_compose([f"+experiment={name}"]), resolve=True, throw_on_missing=True)
+        assert "\n" in str(caught.value)  # OmegaConf's own text: 3 lines (message, full_key, object_type)
+        assert error_line(caught.value) == line
+
+
+@pytest.mark.slow
+def test_tent_cifar10c_without_weights_fails_in_one_line(tmp_path, monkeypatch):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in ("TTA_ROBUSTBENCH_STANDARD", "TTA_DEBUG", "HYDRA_FULL_ERROR"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "+experiment=tent_cifar10c",
+                           "adapt=source", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip() and "INFO" not in line]
+    assert proc.returncode == 1 and len(lines) == 1, lines
+    assert "pass model.weights=<value>" in lines[0] and "TTA_ROBUSTBENCH_STANDARD" in lines[0]
+    assert not (tmp_path / "run" / "results.json").exists()

@@ -244,14 +244,16 @@ def _script():
 
 
 def _run_script(*overrides: str) -> None:
-    """scripts/make_corrupted.py's main in this process, on the config Hydra composes."""
+    """scripts/make_corrupted.py's app in this process, on the config Hydra composes."""
     from hydra import compose, initialize_config_dir
+
+    from tta.apps import make_corrupted
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="make_corrupted", overrides=list(overrides))
     threads = torch.get_num_threads()
     try:
-        _script().main.__wrapped__(cfg)
+        make_corrupted.run(cfg)  # main (scripts/make_corrupted.py): the same, a failure as one line, status 1
     finally:
         torch.set_num_threads(threads)  # main sets num_threads
 
@@ -289,3 +291,51 @@ def test_script_resume_keys_on_seed_and_preset(tmp_path):
     base = TensorDataset(*_script().load_uint8(__import__("tta").data.get_dataset("digits"), 6))
     expected = corrupt(base.tensors[0], "gaussian_noise", 3, seed=1).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(rows[12:18], expected) and rows.tobytes() != np.load(io.BytesIO(first)).tobytes()
+
+
+@pytest.mark.parametrize("override, error, message", [
+    ("corruptions=[fgo]", ValueError, "unknown corruption 'fgo'; valid names are: gaussian_noise"),
+    ("corruptions=[fog,fog]", ValueError, "duplicate corruption"),
+    ("corruptions=fog", ValueError, "corruptions must be a list of names"),
+    ("preset=huge", ValueError, "unknown preset 'huge'"),
+    ("seed=-1", ValueError, "seed must be an int >= 0, got -1"),
+    ("rgb=maybe", TypeError, "rgb must be true or false, got 'maybe'"),
+    ("batch_size=0", ValueError, "batch_size must be a positive int, got 0"),
+])
+def test_script_checks_its_settings_before_reading_data(tmp_path, monkeypatch, override, error, message):
+    import tta.data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data read before the settings were checked")
+
+    monkeypatch.setattr(tta.data, "get_dataset", no_data)
+    out = tmp_path / "digits-c"
+    with pytest.raises(error, match=re.escape(message)):
+        _run_script("dataset=digits", f"out_dir={out}", "num_examples=4", "corruptions=[fog]", override)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_script_failure_is_one_line_and_exit_status_1(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TTA_DEBUG", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+    out = tmp_path / "digits-c"
+
+    def run(*overrides, **extra):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "make_corrupted.py"), "dataset=digits",
+                               f"out_dir={out}", "progress=false", *overrides], cwd=tmp_path,
+                              env={**env, **extra}, capture_output=True, text=True, timeout=120)
+
+    assert run("num_examples=4", "corruptions=[fog]").returncode == 0
+    first = (out / "fog.npy").read_bytes()
+    for overrides, message in ((["num_examples=4", "corruptions=[fgo]"], "ValueError: unknown corruption 'fgo'"),
+                               (["num_examples=5", "corruptions=[fog]"], "num_examples=4 there, 5 now")):
+        done = run(*overrides)
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip() and "INFO" not in line]
+        assert done.returncode == 1 and len(lines) == 1, lines
+        assert "export failed: " in lines[0] and message in lines[0] and "TTA_DEBUG=1" in lines[0]
+        assert "Traceback" not in done.stderr and "HYDRA_FULL_ERROR" not in done.stderr
+    assert (out / "fog.npy").read_bytes() == first
+    done = run("num_examples=4", "corruptions=[fgo]", TTA_DEBUG="1")
+    assert done.returncode == 1 and "Traceback" in done.stderr and "unknown corruption 'fgo'" in done.stderr

@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import pickle
+import re
 
 import numpy as np
 import pytest
@@ -207,6 +209,61 @@ def test_a_model_belongs_to_one_live_adapter():
     adapt(other, "tent")
 
 
+COPIES = {"deepcopy": copy.deepcopy, "pickle": lambda adapter: pickle.loads(pickle.dumps(adapter))}
+
+
+@pytest.mark.parametrize("how", COPIES)
+@torch.no_grad()
+def test_a_copied_adapter_owns_its_copied_model(how):
+    x1, x2 = images(2)
+    first = adapt(net(), "ema", momentum=0.5)
+    reference = adapt(net(), "ema", momentum=0.5)
+    torch.testing.assert_close(first(x1), reference(x1), rtol=0, atol=0)
+    copied = COPIES[how](first)
+    assert copied.model is not first.model
+    with pytest.raises(ValueError, match="already wrapped by a live 'ema' adapter"):
+        adapt(copied.model, "source")
+    with pytest.raises(ValueError, match="already wrapped by a live 'ema' adapter"):
+        adapt(first.model, "source")  # the original keeps its own model
+    torch.testing.assert_close(copied(x2), reference(x2), rtol=0, atol=0)  # still EMA
+    # a copy of a released adapter is released too: its model is free, it refuses to run
+    first.release()
+    released = COPIES[how](first)
+    adapt(released.model, "batch")
+    with pytest.raises(RuntimeError, match="released"):
+        released(x1)
+
+
+def test_a_released_adapter_refuses_every_change():
+    x = images(1)[0]
+    model = net()
+    old = adapt(model, "tent")
+    old(x)
+    state = copy.deepcopy(old.state_dict())
+    assert old.release() is model
+    new = adapt(model, "batch")
+    with torch.no_grad():
+        expected = new(x)
+    before = fingerprint(model)
+    calls = {"load_state_dict": lambda: old.load_state_dict(state), "to": lambda: old.to(torch.float32),
+             "half": old.half, "float": old.float, "cpu": old.cpu, "share_memory": old.share_memory,
+             "apply": lambda: old.apply(lambda m: m.train()), "requires_grad_": old.requires_grad_,
+             "zero_grad": old.zero_grad, "reset": old.reset, "forward": lambda: old(x)}
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=r"'tent' adapter was released"):
+            call()
+        assert_same(fingerprint(model), before, name)
+    old.train()  # the adapter's own flag only
+    old.eval()
+    assert_same(fingerprint(model), before, "train/eval")
+    recalibrating = adapt(net(), "recalibrate")
+    recalibrating.release()
+    with pytest.raises(RuntimeError, match=r"'recalibrate' adapter was released"):
+        recalibrating.fit([x])
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), expected, rtol=0, atol=0)
+
+
 def test_nested_adapt_is_refused_before_the_inner_adapter_steps():
     model = net()
     inner = adapt(model, "tent")
@@ -271,6 +328,27 @@ def test_state_dict_of_other_hyper_parameters_is_refused():
     with pytest.raises(ValueError, match=r"hyper-parameters .*'lr': 0\.01.*'lr': 0\.02"):
         other.load_state_dict(saved.state_dict())
     assert other.optimizer.state_dict()["state"] == {}
+
+
+@pytest.mark.parametrize("method, params", [("tent", {}), ("ema", {"momentum": 0.3})])
+def test_state_dict_of_other_source_weights_is_refused(method, params):
+    saved = adapt(net(seed=0), method, **params)
+    run(saved, images(1)[0])
+    other = adapt(net(seed=5), method, **params)
+    before = fingerprint(other.model)
+    optimizer = None if other.optimizer is None else copy.deepcopy(other.optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"other weights \(start_hash '(\w+)'\) than this one \(start_hash '(\w+)'\)") as error:
+        other.load_state_dict(saved.state_dict())
+    hashes = [m.group(1) for m in re.finditer(r"start_hash '(\w+)'", str(error.value))]
+    assert hashes == [saved.start_hash(), other.start_hash()] and hashes[0] != hashes[1]
+    assert_same(fingerprint(other.model), before)
+    if optimizer is not None:
+        assert_same(other.optimizer.state_dict(), optimizer)
+    # the same source weights, on another adapter: accepted, and reset() returns to the common start
+    same = adapt(net(seed=0), method, **params)
+    same.load_state_dict(saved.state_dict())
+    same.reset()
+    assert_same(fingerprint(same.model), fingerprint(adapt(net(seed=0), method, **params).model))
 
 
 # --- 7. float16 EMA estimate ---------------------------------------------------------------------

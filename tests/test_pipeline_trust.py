@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 import tta.evaluation.pipeline as pipeline
 import tta.evaluation.sweeps as sweeps
+import tta.evaluation.results as results
 from test_evaluation import N, _bench, bench, weights  # noqa: F401 (fixtures)
 from test_evaluation_app import ROOT, SMALL, evaluate
 from tta.evaluation.pipeline import build_model, load_images
@@ -96,6 +97,36 @@ def test_a_finished_job_is_still_skipped(tmp_path, bench, monkeypatch):
     assert again["config"] == config and not (tmp_path / "run" / "superseded").exists()
 
 
+def test_a_finished_job_is_recomputed_after_the_code_changed(tmp_path, bench, monkeypatch):
+    # a change of tta's code (here: a method computing something else) must not be hidden by
+    # the skip of finished jobs nor by the cached source metrics
+    config = {"adapt": "batch"}
+    first = bench(tmp_path, method="batch", config=config)
+    assert first["fingerprints"]["code"] == results.code_hash()
+    monkeypatch.setattr(pipeline, "code_hash", lambda: "0" * 64)  # other code
+    calls = []
+    real = pipeline.evaluate
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = bench(tmp_path, method="batch", config=config)
+    assert again["fingerprints"]["code"] == "0" * 64 and again["run_id"] != first["run_id"]
+    assert len(calls) >= 2  # the source metrics and the adapted model, both recomputed
+    assert len(list((tmp_path / "run" / "superseded").glob("*.results.json"))) == 1
+
+
+@pytest.mark.parametrize("name, value", [("TTA_CACHE_MAX_GB", "abc"), ("TTA_CACHE_MAX_GB", "-1"),
+                                         ("TTA_NUM_WORKERS", "abc"), ("TTA_NUM_WORKERS", "0")])
+def test_bad_environment_settings_are_refused_before_work_and_keep_finished_results(
+        tmp_path, bench, monkeypatch, name, value):
+    config = {"adapt": "source"}
+    bench(tmp_path, config=config)
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=rf"{name}\)? must be a positive .*{value.lstrip('-')}"):
+        bench(tmp_path, config=config, force=True)
+    assert (tmp_path / "run" / "results.json").read_bytes() == before  # nothing moved aside
+    assert not (tmp_path / "run" / "superseded").exists()
+
+
 # --- 3. no clean metrics without clean images ------------------------------------------------
 
 @pytest.mark.parametrize("fraction, message", [
@@ -151,6 +182,7 @@ def test_fisher_images_beyond_an_imbalanced_subset_is_refused(tmp_path, bench):
     with pytest.raises(ValueError, match=r"adapt.fisher_images must be an int in \[1, \d+\], got 64"):
         bench(tmp_path, method="eata", method_params={"fisher_images": 64}, stream="imbalance",
               stream_params={"factor": 2.0})
+    assert untouched(tmp_path)  # refused before work: nothing written, nothing moved aside
 
 
 @pytest.mark.parametrize("method, params, message", [
@@ -206,6 +238,23 @@ def test_a_baseline_that_does_not_record_its_protocol_is_refused(tmp_path, bench
     with pytest.raises(ValueError, match=r"does not record 'seed'.*this run: seed=0"):
         bench(tmp_path, baseline=path)
     assert untouched(tmp_path)
+
+
+def test_relative_mce_is_the_formula_or_null_with_a_warning(tmp_path, bench, protocol):
+    assert protocol["clean_error"] is not None
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(protocol))
+    out = bench(tmp_path / "same", baseline=path)
+    # relative CE = sum_s (E_s - E_clean) / sum_s (E^base_s - E^base_clean), one severity here
+    mine, base = out["cells"][0], protocol["cells"][0]
+    expected = (mine["error"] - out["clean_error"]) / (base["error"] - protocol["clean_error"])
+    assert out["mean"]["relative_mce"] == pytest.approx(expected, rel=1e-12)
+    # a baseline that does not degrade over its clean error: relative mCE undefined -> null and a
+    # warning, the mCE and the run itself kept (not a failure after the whole run)
+    path.write_text(json.dumps({**protocol, "clean_error": 1.0}))
+    out = bench(tmp_path / "flat", baseline=path)
+    assert out["mean"]["mce"] == pytest.approx(1.0) and out["mean"]["relative_mce"] is None
+    assert any("relative mCE left null" in w for w in out["warnings"])
 
 
 def test_a_zero_error_baseline_is_refused_before_any_work(tmp_path, bench, protocol):

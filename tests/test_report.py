@@ -529,3 +529,137 @@ def test_every_stream_is_reported_over_its_distinct_images(tmp_path):
             correct = round(float(row[key]) * images * cells)
             assert (float(row[f"{key}_ci95_low"]), float(row[f"{key}_ci95_high"])) == \
                 pytest.approx(wilson64(correct, images * cells), abs=1e-9), (row["stream"], key)
+
+
+# --- run-level stream numbers: stream_clean (mixture), stream_subset (imbalance) -----------
+
+def mixture_run(method="batch", *, clean_correct=300, source_clean_correct=400, visits=480, seed=0,
+                **extra) -> dict:
+    """A stream=mixture run whose stream_clean holds ``clean_correct`` / ``source_clean_correct``
+    correct of ``visits`` clean visits."""
+    run = results(method, source=SOURCE, correct=SOURCE if method == "source" else BATCH, seed=seed,
+                  stream="mixture", **extra)
+    run["stream_params"] = {"clean_fraction": 0.25}
+    accuracy, source = clean_correct / visits, source_clean_correct / visits
+    run["stream_clean"] = {"accuracy": accuracy, "num_examples": visits, "source_accuracy": source,
+                           "forgetting": source - accuracy}
+    return run
+
+
+def test_stream_clean_forgetting_is_shown_with_intervals_over_visits(tmp_path):
+    write(tmp_path / "mix0", mixture_run(clean_correct=300, source_clean_correct=400, seed=0))
+    write(tmp_path / "mix1", mixture_run(clean_correct=330, source_clean_correct=410, seed=1))
+    write(tmp_path / "src", mixture_run("source", clean_correct=400, source_clean_correct=400))
+    report = write_report([tmp_path], tmp_path / "report", plots=False)
+    assert report["errors"] == []
+    md = report["markdown"]
+    section = md.split("## Clean images in the stream (forgetting)")[1]
+    assert "over the clean **visits**" in section  # no distinct count recorded: said
+    row = next(l for l in section.splitlines() if l.startswith("| batch mixture(clean_fraction=0.25) |"))
+    cols = [c.strip() for c in row.split("|")[1:-1]]
+    accuracy = [300 / 480, 330 / 480]
+    source = [400 / 480, 410 / 480]
+    forgetting = [100 * (s - a) for s, a in zip(source, accuracy)]
+    mean_f = sum(forgetting) / 2
+    std_f = math.sqrt(sum((f - mean_f) ** 2 for f in forgetting))  # n - 1 = 1
+    low, high = wilson64(630, 960)
+    std_a = 100 * abs(accuracy[0] - accuracy[1]) / math.sqrt(2)
+    assert cols[1:4] == ["2", "480", "not recorded"]
+    assert cols[4] == f"{100 * 630 / 960:.1f} ±{std_a:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    low, high = wilson64(810, 960)
+    assert cols[5].split(" [")[1] == f"{100 * low:.1f}, {100 * high:.1f}]"
+    assert cols[6] == f"{mean_f:+.1f} ±{std_f:.1f}" == "+18.8 ±2.9"
+    src = next(l for l in section.splitlines() if l.startswith("| source mixture"))
+    assert src.split("|")[7].strip() == "+0.0"
+    rows = list(csv.DictReader((tmp_path / "report" / "report.csv").open()))
+    mix0 = [r for r in rows if r["path"].endswith("mix0")]
+    assert len(mix0) == 9 and all(float(r["forgetting"]) == pytest.approx(100 / 480, abs=1e-12) for r in mix0)
+    assert int(mix0[0]["stream_clean_num_examples"]) == 480 and mix0[0]["stream_clean_num_images"] == ""
+    assert (float(mix0[0]["stream_clean_accuracy_ci95_low"]), float(mix0[0]["stream_clean_accuracy_ci95_high"])) \
+        == pytest.approx(wilson64(300, 480), abs=1e-12)
+    assert float(mix0[0]["stream_clean_source_accuracy"]) == pytest.approx(400 / 480, abs=1e-12)
+    assert json.loads(mix0[0]["stream_params"]) == {"clean_fraction": 0.25}
+
+
+def test_stream_clean_interval_counts_distinct_clean_images_when_recorded(tmp_path):
+    run = mixture_run(clean_correct=300, source_clean_correct=400, visits=480)
+    run["stream_clean"]["num_images"] = 240  # every clean image visited twice
+    write(tmp_path / "mix", run)
+    report = write_report([tmp_path], tmp_path / "report", plots=False)
+    section = report["markdown"].split("## Clean images in the stream (forgetting)")[1]
+    assert "over the distinct clean images" in section and "**visits**" not in section
+    row = next(l for l in section.splitlines() if l.startswith("| batch"))
+    low, high = wilson64(150, 240)  # 300 / 480 of 240 distinct images, not 300 of 480 draws
+    assert row.split("|")[4].strip() == "240"
+    assert row.split("|")[5].strip() == f"{100 * 300 / 480:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("stream_clean/forgetting", -0.5, r"stream_clean.forgetting is -0.5 but source_accuracy - accuracy is"),
+    ("stream_clean/forgetting", math.nan, r"stream_clean.forgetting is nan"),
+    ("stream_clean/accuracy", 1.5, r"stream_clean.accuracy is 1.5, not a number in \[0, 1\]"),
+    ("stream_clean/source_accuracy", math.inf, r"stream_clean.source_accuracy is inf"),
+    ("stream_clean/accuracy", 0.5001, r"stream_clean.accuracy 0.5001 is not a count of its 480"),
+    ("stream_clean/num_examples", 0, r"stream_clean.num_examples must be a positive int"),
+    ("stream_clean/num_images", 481, r"stream_clean.num_images must be null or an int in \[1, 480\]"),
+    ("stream_clean", {"accuracy": 0.5}, r"stream_clean must be an object with keys"),
+    ("stream_subset/achieved_factor", 2.0, r"stream_subset.achieved_factor is 2.0 but largest / smallest class is 10.0"),
+    ("stream_subset/achieved_factor", math.nan, r"stream_subset.achieved_factor is nan"),
+    ("stream_subset/class_counts", {"0": 150, "1": 0}, r"stream_subset.class_counts must be"),
+    ("stream_subset/class_counts", {"0": 100, "1": 10}, r"class_counts sum to 110 images but the run has num_examples 200"),
+])
+def test_inconsistent_stream_numbers_are_refused(tmp_path, path, value, message):
+    bad = mixture_run(clean_correct=300, source_clean_correct=400, visits=480)
+    bad["stream_subset"] = {"class_counts": {"0": 100, "1": 50, "2": 40, "3": 10}, "achieved_factor": 10.0}
+    write(tmp_path / "good", json.loads(json.dumps(bad)))
+    file = tmp_path / "bad" / "results.json"
+    file.parent.mkdir()
+    file.write_text(json.dumps(_set(bad, path, value)))
+    runs, problems = load_runs([tmp_path])
+    assert [Path(r["path"]).name for r in runs] == ["good"]
+    (problem,) = problems
+    assert problem["kind"] == "unreadable" and re.search(message, problem["error"]), problem["error"]
+
+
+def test_source_model_forgets_nothing(tmp_path):
+    run = mixture_run("source", clean_correct=300, source_clean_correct=400)  # consistent, but not 0
+    write(tmp_path / "src", run)
+    (problem,) = load_runs([tmp_path])[1]
+    assert "the source model forgets nothing" in problem["error"]
+
+
+def test_achieved_imbalance_is_on_the_protocol_line_and_in_the_csv(tmp_path):
+    counts = {"0": 4, "1": 35, "2": 12, "3": 7, "4": 27, "5": 5, "6": 16, "7": 20, "8": 3, "9": 9}
+    n = sum(counts.values())  # 138
+    run = results("batch", source={("fog", 5): 60}, correct={("fog", 5): 90}, n=n, clean=120,
+                  stream="imbalance")
+    run["stream_params"] = {"factor": 10.0}
+    run["stream_subset"] = {"class_counts": counts, "achieved_factor": 35 / 3}
+    write(tmp_path / "imb", run)
+    report = write_report([tmp_path], tmp_path / "report", plots=False)
+    assert report["errors"] == []
+    assert report["labels"] == ["batch imbalance(factor=10)"]  # the stream, though nothing varies
+    protocol = next(l for l in report["markdown"].splitlines() if l.startswith("model resnet8"))
+    assert "stream imbalance(factor=10)" in protocol
+    assert f"achieved factor {35 / 3:.3g} (class sizes 3..35)" in protocol
+    rows = list(csv.DictReader((tmp_path / "report" / "report.csv").open()))
+    assert len(rows) == 4 and all(float(r["stream_achieved_factor"]) == pytest.approx(35 / 3, abs=1e-12)
+                                  for r in rows)
+
+
+def test_labels_name_label_free_auto_prior_and_stream_params(tmp_path):
+    src = {("fog", 5): 100}
+    gain = {("fog", 5): 150}
+    runs = [write(tmp_path / "batch", results("batch", source=src, correct=gain)),
+            write(tmp_path / "lf", results("batch", source=src, correct=gain, label_free={"regression": "batch"})),
+            write(tmp_path / "auto", results("blend", source=src, correct=gain, params={"prior": "auto", "alpha": None})),
+            write(tmp_path / "mix25", results("batch", source=src, correct=gain, stream="mixture",
+                                              stream_params={"clean_fraction": 0.25})),
+            write(tmp_path / "mix50", results("tent", source=src, correct=gain, stream="mixture",
+                                              stream_params={"clean_fraction": 0.5}))]
+    (group,) = group_runs(runs)
+    assert [e.label for e in group.entries] == [
+        "batch reset", "batch reset label_free", "blend prior=auto reset",
+        "batch mixture(clean_fraction=0.25)", "tent mixture(clean_fraction=0.5)"]
+    # the same protocol twice (e.g. one job in two sweeps): every copy numbered, in order
+    assert label_runs([runs[0], runs[0], runs[1]]) == ["batch #1", "batch #2", "batch label_free"]

@@ -329,3 +329,40 @@ def test_a_failure_is_one_line_and_exit_status_1(tmp_path, debug):
         assert lines == [next(line for line in lines if message in line)]
         assert "training failed: ValueError: num_classes=5" in lines[0] and "TTA_DEBUG=1" in lines[0]
     assert not (tmp_path / "d.pt").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # the old app trained a ResNet-8 / a from-scratch ResNet-14, silently ignoring the shipped model
+    (["model=resnet8", "model.pretrained=bogus_name"], r"model.pretrained='bogus_name': train-source trains "
+                                                       r"model.name='resnet8' from scratch"),
+    (["model=fashion_mnist"], r"model.pretrained='fashion_mnist'.*model=<architecture>"),
+    (["model=resnet8", "+model.foo=1"], r"unknown setting\(s\) \['model.foo'\]: train-source would ignore them"),
+    # the old app failed only after the whole training
+    (["model=resnet8", "output=/proc/nope/x.pt"], r"output='/proc/nope/x.pt' cannot be written"),
+    (["model=resnet8", "output=."], r"output='.' cannot be written: . is a directory"),
+])
+def test_ignored_model_settings_and_unwritable_output_are_refused_before_training(
+        tmp_path, monkeypatch, overrides, message):
+    script = _load_script("train_source")
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded before the settings were checked")
+
+    monkeypatch.setattr(tta.data, "get_dataset", no_data)
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train_source", overrides=["dataset=digits", "epochs=1", f"output={tmp_path / 'd.pt'}",
+                                                 *overrides])
+    with pytest.raises(ValueError, match=message):
+        script.run(cfg)
+    assert list(tmp_path.iterdir()) == []  # nothing created (the writability probe leaves nothing)
+
+
+@pytest.mark.slow
+def test_help_lists_only_the_groups_train_source_uses(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_source.py"), "--help"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    groups = done.stdout.split("== Config ==")[0]
+    assert "dataset:" in groups and "model:" in groups
+    assert "adapt:" not in groups and "corruption:" not in groups and "stream:" not in groups  # evaluate's

@@ -32,3 +32,20 @@ DEBUG_ENV = "TTA_DEBUG"  # TTA_DEBUG=1: a failing app raises (full traceback) in
 def debugging() -> bool:
     """Whether ``TTA_DEBUG`` asks for full tracebacks (set and not ``0``)."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def error_line(error: BaseException) -> str:
+    """``error`` as the one line an app prints when it fails: an OmegaConf error (whose text
+    spans 3 lines: message, ``full_key``, ``object_type``) becomes one line naming the key to set,
+    e.g. ``dataset.root is not set: pass dataset.root=<value>``; any other error is its text, its
+    lines joined by ``"; "``."""
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    key = getattr(error, "full_key", None)
+    if not isinstance(error, OmegaConfBaseException) or not key:
+        return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()).replace(":; ", ": ")
+    if isinstance(error, MissingMandatoryValue):
+        return f"{key} is not set: pass {key}=<value>"
+    # e.g. 'KeyError raised while resolving interpolation: "Environment variable 'X' not found"'
+    reason = str(error.msg).splitlines()[0].split("raised while resolving interpolation: ", 1)[-1].strip('"')
+    return f"{key} could not be resolved ({reason}): pass {key}=<value>"

@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from tta._extras import check_extra
-from tta.apps import DEBUG_ENV, config_dir, debugging
+from tta.apps import DEBUG_ENV, config_dir, debugging, error_line
 from tta.evaluation.pipeline import run_benchmark
 from tta.evaluation.results import ERROR_JSON, finished, run_lock, sync_results_csv, write_error
 from tta.evaluation.sweeps import record_job, sweep_recorded  # registers ${tta.job_dirname:}
@@ -112,7 +112,7 @@ def failed(error: Exception, output_dir: Path, error_file: Path | None, hydra_cf
     """One log line for a failed job; exit status 1 for a single run, a record for the sweep
     (:class:`tta.evaluation.sweeps.SweepStatus`) in a multirun."""
     logger.error("job failed: %s: %s (%s; %s=1 shows the traceback)", type(error).__name__,
-                 error, f"recorded in {error_file}" if error_file else f"{output_dir} unchanged",
+                 error_line(error), f"recorded in {error_file}" if error_file else f"{output_dir} unchanged",
                  DEBUG_ENV)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun:

@@ -18,7 +18,9 @@ Re-runs: a checkpoint at ``output`` whose recorded ``config`` equals this run's 
 run options :data:`RUN_OPTIONS`) is finished work and is not retrained (``overwrite=true``
 retrains it). Any other file there (another config, or not a checkpoint of this app) is never
 overwritten: once the new model is trained it is moved to ``superseded/<UTC time>.<name>``
-beside ``output``. The hyper-parameters are checked before anything is loaded or written;
+beside ``output``. The hyper-parameters, settings the app would ignore (``model.pretrained``,
+unknown ``model.*`` keys) and whether ``output`` can be written are checked before anything is
+loaded or written;
 training that diverges (nan/inf loss or weights) writes no checkpoint. A failure prints one
 line and exits with status 1 (``TTA_DEBUG=1``: the traceback).
 """
@@ -28,6 +30,7 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import tta.data
 import tta.models
-from tta.apps import DEBUG_ENV, config_dir, debugging
+from tta.apps import DEBUG_ENV, config_dir, debugging, error_line
 from tta.models import save_checkpoint
 from tta.evaluation.results import SUPERSEDED
 from tta.models.checkpoint import METADATA_KEY, make_metadata
@@ -51,6 +54,9 @@ RUN_OPTIONS = ("overwrite", "progress", "num_threads", "device", "output")
 KEYS = {"dataset", "model", "normalize", "epochs", "batch_size", "lr", "momentum", "nesterov",
         "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "augment", "seed", "device",
         "amp", "num_threads", "progress", "output", "overwrite"}
+# the model group's keys this app uses (conf/model/*.yaml); pretrained must be null: it names a
+# shipped trained model, which this app does not train from
+MODEL_KEYS = {"name", "pretrained", "weights", "num_classes", "in_channels", "kwargs"}
 
 
 def _plain(node: Any) -> dict[str, Any]:
@@ -64,11 +70,21 @@ def protocol_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Names, types and ranges of the settings (:func:`tta.training.check_hparams`), before
-    anything is loaded or written: TypeError / ValueError naming the setting and valid values."""
+    """Names, types and ranges of the settings (:func:`tta.training.check_hparams`), settings
+    this app would ignore (``model.pretrained``: a shipped model; unknown ``model.*`` keys) and
+    the writability of ``output`` (:func:`check_writable`), before anything is loaded or written:
+    TypeError / ValueError naming the setting and valid values."""
     unknown = sorted(set(cfg) - KEYS) + sorted(f"augment.{k}" for k in set(cfg.augment) - {"crop_padding", "hflip"})
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; valid: {sorted(KEYS)} (augment: crop_padding, hflip)")
+    unknown = sorted(f"model.{k}" for k in set(cfg.model) - MODEL_KEYS)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}: train-source would ignore them; valid: "
+                         f"{sorted(f'model.{k}' for k in MODEL_KEYS)}")
+    if cfg.model.get("pretrained") is not None:
+        raise ValueError(f"model.pretrained={cfg.model.pretrained!r}: train-source trains model.name="
+                         f"{cfg.model.name!r} from scratch (or from model.weights) and would ignore a shipped "
+                         "model; pass model=<architecture> (e.g. model=resnet14) or model.pretrained=null")
     check_hparams(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, momentum=cfg.momentum,
                   nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
                   warmup_epochs=cfg.warmup_epochs, label_smoothing=cfg.label_smoothing,
@@ -87,6 +103,25 @@ def check_config(cfg: DictConfig) -> None:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {cfg.device!r}") from error
     if not isinstance(cfg.output, str) or not cfg.output:
         raise ValueError(f"output must be a checkpoint path, got {cfg.output!r}")
+    check_writable(Path(cfg.output))
+
+
+def check_writable(output: Path) -> None:
+    """ValueError unless a file can be written at ``output``: its nearest existing ancestor is a
+    directory in which a file can be created (probed with a temporary file, removed at once;
+    nothing else is created), so that a bad path fails before training, not after."""
+    parent = output.expanduser().absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        if output.is_dir():
+            raise IsADirectoryError(f"{output} is a directory")
+        if not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is not a directory")
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise ValueError(f"output={os.fspath(output)!r} cannot be written: {error}") from None
 
 
 def _recorded_protocol(output: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -201,7 +236,7 @@ def main(cfg: DictConfig) -> None:
         if debugging():
             raise
         logger.error("training failed: %s: %s (no checkpoint written; %s=1 shows the traceback)",
-                     type(error).__name__, error, DEBUG_ENV)
+                     type(error).__name__, error_line(error), DEBUG_ENV)
         raise SystemExit(1) from None
 
 

@@ -21,7 +21,7 @@ import tta
 from tta.evaluation.metrics import (NUM_BINS, alexnet_baseline, baseline_errors, corruption_errors,
                                     mean_corruption_error,
                                     relative_mean_corruption_error)
-from tta.evaluation.results import (CellCache, JsonCache, content_hash, corruption_code_hash,
+from tta.evaluation.results import (CellCache, JsonCache, code_hash, content_hash, corruption_code_hash,
                                     finished, locked, model_hash, read_json, supersede,
                                     write_results)
 from tta.evaluation.runner import (Cell, LabelFree, build_adapter, check_source_images, evaluate,
@@ -494,7 +494,8 @@ def _stream_clean_source(net: nn.Module, clean_images: Tensor, targets: Tensor, 
         predictions = torch.cat([model(x.to(device).float().div(255)).argmax(1).cpu()
                                  for x in clean_images.split(batch_size)])
     correct = (predictions == targets).double()
-    return {"accuracy": float((visits * correct).sum() / visits.sum()), "num_examples": int(visits.sum())}
+    return {"accuracy": float((visits * correct).sum() / visits.sum()), "num_examples": int(visits.sum()),
+            "num_images": int((visits > 0).sum())}
 
 
 def _versions() -> dict[str, str]:
@@ -592,6 +593,9 @@ def run_benchmark(
                   "dataset_kwargs": dataset_kwargs, "model_kwargs": model_kwargs,
                   "label_free": label_free, "config": config})
     seed = check_seed(seed)
+    # the environment settings too, before anything is read or moved aside
+    CellCache(cache_dir)  # $TTA_CACHE_MAX_GB
+    tta.data.imagenet_c.default_num_workers()  # $TTA_NUM_WORKERS
     if model is None and pretrained is None:
         raise ValueError("model is null and so is pretrained: name a model (model.name) or a shipped "
                          f"pretrained one ({', '.join(sorted(tta.models.shipped.PRETRAINED))})")
@@ -699,6 +703,8 @@ def run_benchmark(
         raise ValueError(f"adapt.num_images={method_params['num_images']} but the shortest segment of "
                          f"stream={stream} has {shortest} images: it would be truncated; use at most "
                          f"{shortest} or null (all of each segment) (adapt={method})")
+    if clean_images is not None:  # the clean images as evaluated (an imbalanced subset: fewer)
+        check_source_images(method, method_params, len(clean_images))
     if base is not None and not alexnet:
         check_baseline_data(base, baseline, num_examples=len(targets), data=data_key, corruption_code=code_key)
 
@@ -706,6 +712,7 @@ def run_benchmark(
     model_name = pretrained or model
     num_classes = _check_num_classes(net, probe, classes, targets, dataset, model_name)
     fingerprints = {"model": model_hash(net), "data": data_key, "corruption_code": code_key,
+                    "code": code_hash(),  # any change of tta's code or torch/numpy: recompute
                     "baseline": None if baseline_cells is None else content_hash(
                         sorted(baseline_errors(grid, baseline_cells).items()))}
     if label_free["enabled"]:  # the estimator: model, fitting data and settings, code
@@ -765,7 +772,7 @@ def run_benchmark(
 
     # source model: clean and per-cell metrics, cached by (model, data, cell) content
     n = len(targets)
-    evaluation = ("source", RECORD_VERSION, NUM_BINS, torch.device(device).type)
+    evaluation = ("source", RECORD_VERSION, NUM_BINS, torch.device(device).type, fingerprints["code"])
 
     def valid(record: Any) -> bool:
         return _valid_record(record, n, num_classes)
@@ -870,6 +877,7 @@ def run_benchmark(
     if stream_clean is not None:  # forgetting: source minus adapted, on the same clean visits
         stream_clean["source_accuracy"] = source_clean["accuracy"]
         stream_clean["forgetting"] = source_clean["accuracy"] - stream_clean["accuracy"]
+        stream_clean["num_images"] = source_clean["num_images"]  # distinct clean images visited
 
     rows = []
     for (c, s), src, ada in zip(grid, source, adapted):
@@ -914,8 +922,12 @@ def run_benchmark(
             results["per_corruption"][c]["ce"] = ce
         results["mean"]["mce"] = mean_corruption_error(rows, baseline_cells)
         if base.get("clean_error") is not None and results["clean_error"] is not None:
-            results["mean"]["relative_mce"] = relative_mean_corruption_error(
-                rows, results["clean_error"], baseline_cells, base["clean_error"])
+            try:  # undefined where the baseline degrades by <= 0 over its clean error: null, said
+                results["mean"]["relative_mce"] = relative_mean_corruption_error(
+                    rows, results["clean_error"], baseline_cells, base["clean_error"])
+            except ValueError as error:
+                results["mean"]["relative_mce"] = None
+                warn(f"relative mCE left null: {error}")
         results["baseline"] = str(baseline)
         results["mce_cells"] = [[c, s] for c, s in grid]
     results["fingerprints"] = fingerprints

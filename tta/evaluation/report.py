@@ -7,7 +7,8 @@ images per cell, corruption preset, set of cells); every group gets its own tabl
 nothing is averaged across groups. Within a group, a row (an *entry*) is one protocol
 (method, parameters, stream, batch size); runs of that protocol with different ``seed`` are
 its replicates, shown as mean +- sample standard deviation over seeds. Each entry gets a label:
-its method plus whatever differs between the entries, e.g. ``blend prior=16 bs=8``.
+its method plus whatever differs between the entries, e.g. ``blend prior=16 bs=8``
+(:func:`label_runs`).
 
 Intervals are 95% Wilson score intervals (Wilson 1927) of a binomial proportion, from
 ``round(accuracy * n)`` correct of ``n`` images, ``n`` the run's ``num_examples``: the distinct
@@ -23,7 +24,12 @@ A results.json whose numbers are not finite or do not agree with each other (rec
 accuracy - source accuracy, error = 1 - accuracy, gap closed = recovered / (clean - source
 accuracy), accuracies that are not a count of ``num_examples``, a confusion matrix that does not
 give the accuracy, ``mean``/``per_severity``/``per_corruption`` that are not the means of their
-cells) is refused as unreadable (:func:`load_runs`), never reported.
+cells, a ``stream_clean`` whose forgetting is not source_accuracy - accuracy or whose
+accuracies are not counts of its visits in [0, 1], a ``stream_subset`` whose achieved_factor is
+not largest / smallest of its class_counts) is refused as unreadable (:func:`load_runs`), never
+reported. The forgetting table (``stream=mixture``) gives Wilson intervals over the distinct
+clean images when ``stream_clean.num_images`` is recorded, else over the clean visits (said
+beside it: too narrow when images repeat).
 """
 from __future__ import annotations
 
@@ -44,7 +50,7 @@ from tta.evaluation.published import published_sections
 
 __all__ = ["load_runs", "group_key", "group_runs", "label_runs", "wilson_interval",
            "recovered_table", "accuracy_tables", "summary_table", "markdown_table",
-           "label_free_tables", "chosen_prior_tables", "recovered_heatmap", "severity_plot",
+           "label_free_tables", "chosen_prior_tables", "stream_clean_table", "recovered_heatmap", "severity_plot",
            "estimate_plot", "write_report", "Entry", "Group"]
 
 logger = logging.getLogger(__name__)
@@ -53,8 +59,9 @@ CONFIDENCE = 0.95
 HEATMAP_CMAP = "RdBu"  # diverging, colour-blind safe (ColorBrewer); red = lost, blue = won
 
 # run-level settings that name an entry when they differ between entries (key, short name)
-_LABEL_KEYS = (("stream", None), ("batch_size", "bs"), ("num_examples", "n"),
-               ("dataset", None), ("model", None))
+_LABEL_KEYS = (("batch_size", "bs"), ("num_examples", "n"), ("dataset", None), ("model", None),
+               ("baseline", "baseline"))
+DEFAULT_STREAM = "reset"  # conf/evaluate.yaml; any other stream is named in every label
 _CELL_KEYS = ("corruption", "severity", "source_accuracy", "accuracy", "recovered")
 # optional cell keys of label-free runs (docs/label_free.md): fractions, and the shift score >= 0
 _ESTIMATE_KEYS = ("source_estimated_accuracy", "estimated_accuracy")
@@ -103,6 +110,8 @@ def _problem(run: Any) -> str | None:
 _SUMMARY_KEYS = ("source_accuracy", "accuracy", "recovered", "source_error", "error", "source_ece",
                  "ece", "shift_score", *_ESTIMATE_KEYS)
 _TOLERANCE = 1e-9  # float64 sums of at most a few thousand terms
+# results.json's stream_clean (stream=mixture; docs/evaluation.md), optional: num_images
+_STREAM_CLEAN_KEYS = ("accuracy", "num_examples", "source_accuracy", "forgetting")
 
 
 def _finite(value: Any) -> bool:
@@ -218,6 +227,46 @@ def _inconsistency(run: dict[str, Any]) -> str | None:
         for key, summary in summaries.items():
             if why := _summary_problem(f"{name}[{key!r}]", summary, [c for c in cells if field_of(c) == key], clean):
                 return why
+    return _stream_problem(run)
+
+
+def _stream_problem(run: Mapping[str, Any]) -> str | None:
+    """Why the run's ``stream_clean`` (mixture: the clean images in the stream) or
+    ``stream_subset`` (imbalance: the subset's class sizes) is malformed or inconsistent, or None:
+    accuracies in [0, 1] that are counts of the clean visits, ``forgetting`` = ``source_accuracy``
+    - ``accuracy`` (0 for the source model), ``achieved_factor`` = largest / smallest class of
+    ``class_counts``, whose sum is the run's ``num_examples``."""
+    clean = run.get("stream_clean")
+    if clean is not None:
+        if not isinstance(clean, dict) or any(k not in clean for k in _STREAM_CLEAN_KEYS):
+            return f"stream_clean must be an object with keys {list(_STREAM_CLEAN_KEYS)}, got {json.dumps(clean)[:80]}"
+        visits, images = clean["num_examples"], clean.get("num_images")
+        if type(visits) is not int or visits < 1:
+            return f"stream_clean.num_examples must be a positive int (clean visits), got {visits!r}"
+        if images is not None and (type(images) is not int or not 1 <= images <= visits):
+            return f"stream_clean.num_images must be null or an int in [1, {visits}] (distinct clean images), got {images!r}"
+        for key in ("accuracy", "source_accuracy"):
+            if not (_finite(clean[key]) and 0 <= clean[key] <= 1):
+                return f"stream_clean.{key} is {clean[key]!r}, not a number in [0, 1]"
+            if why := _count_problem(f"stream_clean.{key}", clean[key], visits):
+                return why
+        expected = 0.0 if run["method"] == "source" else clean["source_accuracy"] - clean["accuracy"]
+        if not _close(clean["forgetting"], clean["source_accuracy"] - clean["accuracy"]) or \
+                not _close(clean["forgetting"], expected):
+            return (f"stream_clean.forgetting is {clean['forgetting']!r} but source_accuracy - accuracy is "
+                    f"{clean['source_accuracy'] - clean['accuracy']!r}" + (" (the source model forgets nothing)"
+                                                                          if run["method"] == "source" else ""))
+    subset = run.get("stream_subset")
+    if subset is not None:
+        counts = _dict(subset).get("class_counts")
+        if not isinstance(counts, dict) or not counts or not all(type(k) is int and k >= 1 for k in counts.values()):
+            return f"stream_subset.class_counts must be {{class: images >= 1}}, got {json.dumps(counts)[:80]}"
+        factor, expected = subset.get("achieved_factor"), max(counts.values()) / min(counts.values())
+        if not _close(factor, expected):
+            return f"stream_subset.achieved_factor is {factor!r} but largest / smallest class is {expected!r}"
+        if run.get("num_examples") is not None and sum(counts.values()) != run["num_examples"]:
+            return (f"stream_subset.class_counts sum to {sum(counts.values())} images but the run has "
+                    f"num_examples {run['num_examples']}")
     return None
 
 
@@ -379,8 +428,25 @@ class Group:
         return (f"{self.title()}; {len(_corruptions(self.runs))} corruption(s) x "
                 f"{len(_severities(self.runs))} severity(ies)"
                 + (f", corruption preset {preset}" if preset is not None else "")
-                + f"; stream {', '.join(_distinct(self.runs, 'stream'))}; batch size "
-                f"{', '.join(_distinct(self.runs, 'batch_size'))}; seed(s) {', '.join(seeds)}")
+                + f"; stream {', '.join(dict.fromkeys(map(_stream, self.runs)))}"
+                + "".join(f"; {f}" for f in dict.fromkeys(filter(None, map(_achieved, self.runs))))
+                + f"; batch size {', '.join(_distinct(self.runs, 'batch_size'))}; seed(s) {', '.join(seeds)}")
+
+
+def _stream(run: Mapping[str, Any]) -> str:
+    """The stream with its parameters, e.g. ``mixture(clean_fraction=0.25)``."""
+    params = ",".join(f"{k}={_short(v)}" for k, v in sorted(_dict(run.get("stream_params")).items()))
+    return f"{run.get('stream')}({params})" if params else str(run.get("stream"))
+
+
+def _achieved(run: Mapping[str, Any]) -> str | None:
+    """The class imbalance a run's subset achieved (``stream_subset``), e.g. ``imbalance achieved
+    factor 11.7 (class sizes 3..35)``, or None."""
+    counts = _dict(_dict(run.get("stream_subset")).get("class_counts"))
+    if not counts:
+        return None
+    return (f"{run.get('stream')} achieved factor {run['stream_subset']['achieved_factor']:.3g} "
+            f"(class sizes {min(counts.values())}..{max(counts.values())})")
 
 
 def _distinct(runs: Sequence[Mapping[str, Any]], key: str) -> list[str]:
@@ -393,9 +459,15 @@ def _source_signature(run: Mapping[str, Any]) -> str:
                               for c in run["cells"])])
 
 
+def _label_free(run: Mapping[str, Any]) -> bool:
+    """Whether the run made label-free estimates (results.json's ``label_free``)."""
+    return bool(run.get("label_free"))
+
+
 def _protocol(run: Mapping[str, Any]) -> str:
     return json.dumps([run.get(k) for k in ("method", "params", "stream", "stream_params",
-                                            "batch_size")], sort_keys=True, default=str)
+                                            "batch_size", "baseline")] + [_label_free(run)],
+                      sort_keys=True, default=str)
 
 
 def group_runs(runs: Sequence[dict[str, Any]]) -> list[Group]:
@@ -454,23 +526,35 @@ def _short(value: Any) -> str:
 
 
 def label_runs(runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """A short, unique label per run: the method plus the settings that vary across runs
-    (``seed`` is not one of them: seeds are replicates of one entry)."""
+    """A short, unique label per run, in this order: the method; its parameters that vary
+    across the runs of that method, and ``prior=auto`` always (the prior chosen per batch);
+    the stream with its parameters (``mixture(clean_fraction=0.5)``) when it is not the
+    default ``reset`` or when streams differ; ``label_free`` when the run made label-free
+    estimates; then batch size (``bs=``), images (``n=``), dataset, model and mCE baseline
+    where they differ. ``seed`` is not one of them (seeds are replicates of one entry). Runs
+    still equal after all that (the same protocol twice, e.g. one job in two sweeps) are
+    numbered ``#1``, ``#2``, ... in the order given."""
+    streams = {_stream(r) for r in runs}
     labels = []
     for run in runs:
         same_method = [r for r in runs if r["method"] == run["method"]]
         parts = [run["method"]]
         for key, value in sorted(_dict(run.get("params")).items()):
-            if len({json.dumps(_dict(r.get("params")).get(key)) for r in same_method}) > 1:
+            if value == "auto" or len({json.dumps(_dict(r.get("params")).get(key), default=str)
+                                       for r in same_method}) > 1:
                 parts.append(f"{key}={_short(value)}")
+        if len(streams) > 1 or run.get("stream") != DEFAULT_STREAM:
+            parts.append(_stream(run))
+        if _label_free(run):
+            parts.append("label_free")
         for key, short in _LABEL_KEYS:
-            if len({json.dumps(r.get(key)) for r in runs}) > 1:
+            if len({json.dumps(r.get(key), default=str) for r in runs}) > 1:
                 parts.append(f"{short}={_short(run.get(key))}" if short else _short(run.get(key)))
         labels.append(" ".join(parts))
-    seen: dict[str, int] = {}
-    for i, label in enumerate(labels):  # still equal (e.g. the same job in two sweeps)
-        seen[label] = seen.get(label, 0) + 1
-        if labels.count(label) > 1:
+    totals, seen = {label: labels.count(label) for label in labels}, {}
+    for i, label in enumerate(labels):
+        if totals[label] > 1:
+            seen[label] = seen.get(label, 0) + 1
             labels[i] = f"{label} #{seen[label]}"
     return labels
 
@@ -629,6 +713,40 @@ def summary_table(group: Group) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _clean_counts(runs: Sequence[Mapping[str, Any]], key: str) -> tuple[int, int]:
+    """Pooled (correct, total) of ``stream_clean[key]`` over the runs: over the distinct clean
+    images (``num_images``) where recorded, else over the clean visits (``num_examples``)."""
+    pairs = [(r["stream_clean"][key], r["stream_clean"].get("num_images") or r["stream_clean"]["num_examples"])
+             for r in runs]
+    return sum(round(value * n) for value, n in pairs), sum(n for _, n in pairs)
+
+
+def stream_clean_table(group: Group) -> tuple[list[str], list[list[str]]] | None:
+    """Per entry whose runs carry ``stream_clean`` (``stream=mixture``): the clean visits, the
+    adapted model's accuracy on the clean images as the stream visits them and the source
+    model's on the same visits (%, 95% Wilson interval pooled over seeds: over the distinct clean
+    images where results.json records ``num_images``, else over the visits, which counts an image
+    drawn twice as two draws and so is too narrow), and the forgetting = source accuracy -
+    accuracy (points; > 0: adaptation lost accuracy on clean data); +- std over seeds.
+    None when no entry has them."""
+    rows = []
+    for entry in group.entries:
+        runs = [r for r in entry.runs if r.get("stream_clean") is not None]
+        if not runs:
+            continue
+        clean = [r["stream_clean"] for r in runs]
+        images = [c.get("num_images") for c in clean]
+        rows.append([entry.label, len(runs), "/".join(dict.fromkeys(str(c["num_examples"]) for c in clean)),
+                     "/".join(dict.fromkeys(str(n) for n in images)) if all(images) else "not recorded",
+                     _spread([c["accuracy"] for c in clean], False, _clean_counts(runs, "accuracy")),
+                     _spread([c["source_accuracy"] for c in clean], False, _clean_counts(runs, "source_accuracy")),
+                     _spread([c["forgetting"] for c in clean], True)])
+    if not rows:
+        return None
+    return ["method", "seeds", "clean visits", "distinct clean images", "accuracy on clean",
+            "source acc on clean", "forgetting (points)"], rows
+
+
 def label_free_tables(group: Group) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Per entry whose cells carry label-free estimates: one row per cell with the shift score
     and the measured beside the estimated accuracy (%), of the source and the adapted model,
@@ -689,7 +807,11 @@ _CSV_COLUMNS = ["group", "label", "method", "params", "stream", "batch_size", "n
                 "accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "recovered", "gap_closed",
                 "source_error", "error", "source_ece", "ece", "source_worst_class_accuracy",
                 "worst_class_accuracy", "shift_score", "source_estimated_accuracy",
-                "estimated_accuracy", "chosen_prior", "run_id", "path"]
+                "estimated_accuracy", "chosen_prior", "stream_params", "stream_achieved_factor",
+                "stream_clean_num_examples", "stream_clean_num_images", "stream_clean_accuracy",
+                "stream_clean_accuracy_ci95_low", "stream_clean_accuracy_ci95_high",
+                "stream_clean_source_accuracy", "stream_clean_source_accuracy_ci95_low",
+                "stream_clean_source_accuracy_ci95_high", "forgetting", "run_id", "path"]
 
 _MEAN_COLUMNS = ("source_accuracy", "accuracy", "recovered", "source_error", "error",
                  "source_ece", "ece", "shift_score", *_ESTIMATE_KEYS)
@@ -706,6 +828,17 @@ def _report_csv(groups: Sequence[Group]) -> str:
         names, severities = _corruptions(group.runs), _severities(group.runs)
         for entry in group.entries:
             for run in entry.runs:
+                stream = {"stream_params": json.dumps(run.get("stream_params", {}), sort_keys=True),
+                          "stream_achieved_factor": _dict(run.get("stream_subset")).get("achieved_factor")}
+                if run.get("stream_clean") is not None:  # run-level: repeated on each of its rows
+                    clean = run["stream_clean"]
+                    stream |= {"stream_clean_num_examples": clean["num_examples"],
+                               "stream_clean_num_images": clean.get("num_images"),
+                               "forgetting": clean["forgetting"]}
+                    for key in ("accuracy", "source_accuracy"):
+                        low, high = wilson_interval(*_clean_counts([run], key))
+                        stream |= {f"stream_clean_{key}": clean[key], f"stream_clean_{key}_ci95_low": low,
+                                   f"stream_clean_{key}_ci95_high": high}
                 rows = [dict(cell, source_worst_class_accuracy=_worst_class(cell.get("source_confusion")),
                              worst_class_accuracy=_worst_class(cell.get("confusion")),
                              num_examples=run.get("num_examples"))  # distinct images, not visits
@@ -725,7 +858,7 @@ def _report_csv(groups: Sequence[Group]) -> str:
                                                       for k in ("corruption", "severity")))
                         if counts:
                             row[f"{key}_ci95_low"], row[f"{key}_ci95_high"] = wilson_interval(*counts)
-                    row = {**run, **row, "group": number, "label": entry.label,
+                    row = {**run, **row, **stream, "group": number, "label": entry.label,
                            "params": json.dumps(run.get("params", {}), sort_keys=True)}
                     writer.writerow([row.get(c) for c in _CSV_COLUMNS])
     return out.getvalue()
@@ -743,7 +876,7 @@ def _pyplot():
 
 
 def _heading(group: Group, what: str) -> str:
-    streams = ", ".join(_distinct(group.runs, "stream"))
+    streams = ", ".join(dict.fromkeys(map(_stream, group.runs)))
     sizes = ", ".join(_distinct(group.runs, "batch_size"))
     return f"{what}\n{group.title()}; stream {streams}; batch size {sizes}"
 
@@ -1013,6 +1146,19 @@ def write_report(paths: Iterable[str | Path], out: str | Path, plots: bool = Tru
             sections += ["", f"{h} Prior N chosen without labels: {label}", "",
                          "Per cell the lower median of the N chosen for its batches (`inf`: source "
                          "statistics); last row: how many batches got each N.", "", markdown_table(*table)]
+        table = stream_clean_table(group)
+        if table is not None:
+            distinct = all(r["stream_clean"].get("num_images") for r in group.runs if r.get("stream_clean"))
+            sections += ["", f"{h} Clean images in the stream (forgetting)", "",
+                         "The clean images a `mixture` stream interleaves with the corrupted ones "
+                         "(results.json `stream_clean`): accuracy (%) of the adapted model on them as "
+                         "the stream visits them, of the source model on exactly those visits, and the "
+                         "forgetting = source acc - accuracy (points; > 0: adaptation lost accuracy on "
+                         "clean data). `[low, high]`: 95% Wilson interval pooled over seeds, "
+                         + ("over the distinct clean images." if distinct else
+                            "over the clean **visits** (the distinct clean images are not recorded): "
+                            "an image drawn twice counts twice, so the interval is too narrow."),
+                         "", markdown_table(*table)]
         for label, table in label_free_tables(group).items():
             sections += ["", f"{h} Label-free accuracy estimates: {label}", "",
                          "Estimated without any test label (docs/label_free.md) beside the accuracy "

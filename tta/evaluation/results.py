@@ -28,13 +28,14 @@ import torch
 from filelock import FileLock, Timeout
 from torch import Tensor, nn
 
+import tta
 from tta._atomic import atomic_file
 
 __all__ = ["RESULTS_JSON", "RESULTS_CSV", "ERROR_JSON", "SUPERSEDED", "LOCK_FILE",
            "OutputDirLocked", "atomic_write_bytes", "write_json", "read_json", "run_lock",
            "locked", "supersede", "write_results", "write_error", "sync_results_csv",
            "finished", "content_hash",
-           "model_hash", "tensor_hash", "corruption_code_hash", "CellCache", "JsonCache"]
+           "model_hash", "tensor_hash", "corruption_code_hash", "code_hash", "CellCache", "JsonCache"]
 
 logger = logging.getLogger(__name__)
 
@@ -312,17 +313,32 @@ def _source_hash(cls: type) -> str:
         return ""
 
 
+def _sources_hash(root: Path, *extra: str) -> str:
+    """sha256 over the ``*.py`` files below ``root`` (relative names and contents) and ``extra``."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    for text in extra:
+        h.update(text.encode())
+    return h.hexdigest()
+
+
 def corruption_code_hash() -> str:
     """Hash of the corruption suite's source files, so cached cells are recomputed whenever the
     implementation changes."""
     import tta.corruptions as corruptions
 
-    h = hashlib.sha256()
-    root = Path(corruptions.__file__).parent
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
+    return _sources_hash(Path(corruptions.__file__).parent)
+
+
+def code_hash() -> str:
+    """Hash of the whole ``tta`` package's source files and of the torch and NumPy versions:
+    results.json's ``fingerprints.code`` and part of the source-metrics cache key, so that a
+    finished job or a cached record is recomputed after any change of the code that computed
+    it (a method, the BatchNorm layer, the loop, the metrics, a library default) or of the
+    numerical libraries, never silently reused."""
+    return _sources_hash(Path(tta.__file__).parent, f"torch {torch.__version__}", f"numpy {np.__version__}")
 
 
 # --- caches ---------------------------------------------------------------------------------
@@ -390,8 +406,9 @@ class CellCache:
             type(self)._memory.pop(key, None)
             return None
         self._remember(key, images)
-        if self.directory is not None and not (self.directory / f"{key}.npy").exists():
-            self.put(key, images)  # another cache directory than the one it came from
+        if self.max_bytes is None and self.directory is not None and not (self.directory / f"{key}.npy").exists():
+            self.put(key, images)  # another cache directory than the one it came from (with a bound
+            # the file may have been evicted: it is not written back on every read)
         return images
 
     def get_or_compute(self, key: str, compute: Callable[[], Tensor],
@@ -410,12 +427,17 @@ class CellCache:
         self._remember(key, images)
         if self.directory is None:
             return
-        buffer = io.BytesIO()
-        np.save(buffer, images.cpu().numpy(), allow_pickle=False)
-        data = buffer.getvalue()
-        if self.max_bytes is not None and len(data) > self.max_bytes:
+        # the size check before serialising (a cell far over the bound is never copied); the
+        # .npy header adds ~128 bytes, checked on the serialised bytes
+        data = b""
+        if self.max_bytes is None or images.numel() * images.element_size() <= self.max_bytes:
+            buffer = io.BytesIO()
+            np.save(buffer, images.cpu().numpy(), allow_pickle=False)
+            data = buffer.getvalue()
+        if self.max_bytes is not None and not 0 < len(data) <= self.max_bytes:
             logger.warning("not caching cell %s: its %d bytes exceed the cache bound of %d bytes "
-                           "(TTA_CACHE_MAX_GB)", key, len(data), self.max_bytes)
+                           "(TTA_CACHE_MAX_GB)", key, images.numel() * images.element_size() + 128,
+                           self.max_bytes)
             return
         bounded = self.max_bytes is not None  # one eviction and write at a time keeps the bound
         with self._lock(key), FileLock(self.directory / ".evict.lock", is_singleton=True) if bounded \

@@ -171,7 +171,10 @@ class Adapter(nn.Module):
     Ownership: a model (or any of its modules) belongs to one live adapter. Adapting it again,
     or passing an adapter as the model, raises ``ValueError`` before anything changes: adapt a
     fresh copy of the source model (``copy.deepcopy``), or call :meth:`release` on the adapter
-    first (it then refuses to run); deleting the adapter releases the model too.
+    first (it then refuses to run: forward, reset, fit, load_state_dict, ``to``/``half``/``cuda``,
+    ``apply``, ``requires_grad_``, ``zero_grad`` raise RuntimeError); deleting the adapter
+    releases the model too. A copy of a live adapter (``copy.deepcopy``, pickle, ``torch.save``
+    of the whole adapter then ``torch.load``) owns its copied model.
 
     ``adapter.train()``/``adapter.eval()`` set only the adapter's own ``training`` flag: the
     wrapped model keeps the mode the method configured (eval for every built-in method), so they
@@ -183,7 +186,9 @@ class Adapter(nn.Module):
     random generators), as tensors, numbers and lists (``torch.load(weights_only=True)`` reads
     it). ``load_state_dict`` into an adapter built by :func:`tta.adapt` with the same method and
     hyper-parameters on a copy of the same source model continues exactly where the saved one
-    was; :meth:`reset` then returns to the loading adapter's own start.
+    was; :meth:`reset` then returns to the loading adapter's own start, which is the saved one's
+    start (the extra state records ``start_hash``, a content hash of the model's parameters and
+    buffers right after :func:`tta.adapt`, and a state of another start raises ValueError).
 
     Subclasses set :attr:`name`, :attr:`needs_grad` and :attr:`state_attributes`; in
     ``__init__`` they check every argument and the model before they change it, configure the
@@ -215,6 +220,7 @@ class Adapter(nn.Module):
         self._optimizer_state: dict[str, Any] | None = None
         self._flags: tuple[list[Any], list[Any], list[Any]] | None = None
         self._released = False
+        self._start_hash: str | None = None
 
     @classmethod
     def check_model(cls, model: Any) -> None:
@@ -261,9 +267,29 @@ class Adapter(nn.Module):
         self._flags = ([(m, m.training) for m in self.modules() if m is not self],
                        [(p, p.requires_grad) for p in self.parameters()],
                        [(layer, layer.stats_config()) for layer in adaptive_layers(self)])
+        self._own()
+
+    def _own(self) -> None:
         owner = weakref.ref(self)
         for module in self.model.modules():
             _OWNERS[module] = owner
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # copy.deepcopy and pickle (torch.load of a saved adapter) build a live adapter on a copy
+        # of the model: it owns that copy, like the adapter built by tta.adapt owns its model
+        super().__setstate__(state)
+        if not self._released and self._model_state is not None:
+            self._own()
+
+    def start_hash(self) -> str:
+        """Content hash (sha256 hex) of the model's parameters and buffers right after
+        :func:`tta.adapt` (the state :meth:`reset` returns to), by name, dtype, shape and value."""
+        if self._start_hash is None:
+            if self._model_state is None:
+                raise RuntimeError(f"{type(self).__name__}: no snapshot (call _snapshot() in __init__)")
+            from tta.evaluation.results import content_hash  # lazy: tta.evaluation imports tta.methods
+            self._start_hash = content_hash(list(self._model_state), *self._model_state.values())
+        return self._start_hash
 
     def release(self) -> nn.Module:
         """Give up the model: it may be adapted again (as it is now: adapted), and this adapter
@@ -279,6 +305,31 @@ class Adapter(nn.Module):
         if self._released:
             raise RuntimeError(f"this {self.name!r} adapter was released (adapter.release()) and no longer owns its "
                                "model; build a new one with tta.adapt")
+
+    # every nn.Module entry point that changes the model refuses on a released adapter:
+    # _apply is behind to()/cuda()/cpu()/half()/float()/double()/type()/share_memory()
+    def _apply(self, *args: Any, **kwargs: Any) -> "Adapter":
+        self._check_usable()
+        return super()._apply(*args, **kwargs)
+
+    def apply(self, fn: Any) -> "Adapter":
+        self._check_usable()
+        return super().apply(fn)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Adapter":
+        self._check_usable()
+        return super().requires_grad_(requires_grad)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._check_usable()
+        super().zero_grad(set_to_none)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; RuntimeError on a released adapter, ValueError (before
+        anything changes) for the state of another method, other hyper-parameters or another
+        start (see the class docstring)."""
+        self._check_usable()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def train(self, mode: bool = True) -> "Adapter":
         """Set the adapter's own ``training`` flag only (also ``eval()``): the wrapped model
@@ -319,7 +370,7 @@ class Adapter(nn.Module):
         """The method's state beyond parameters and buffers (the ``_extra_state`` entry of
         :meth:`state_dict`): method name, hyper-parameters, optimizer state and the attributes
         of :attr:`state_attributes` (a ``torch.Generator`` as its state tensor); copies."""
-        state = {"method": self.name, "hparams": dict(self.hparams),
+        state = {"method": self.name, "hparams": dict(self.hparams), "start_hash": self.start_hash(),
                  "optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
         for name in self.state_attributes:
             value = getattr(self, name)
@@ -330,10 +381,11 @@ class Adapter(nn.Module):
         """Load what :meth:`get_extra_state` saved (called by :meth:`load_state_dict`).
 
         Raises:
-            ValueError: the state is not of this method, or of other hyper-parameters (before
-                anything changes).
+            ValueError: the state is not of this method, or of other hyper-parameters, or of an
+                adapter with another start (:meth:`start_hash`: other source weights); before
+                anything changes.
         """
-        keys = {"method", "hparams", "optimizer", *self.state_attributes}
+        keys = {"method", "hparams", "start_hash", "optimizer", *self.state_attributes}
         if not isinstance(state, dict) or set(state) != keys:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"load_state_dict: the extra state of a {self.name!r} adapter has the keys "
@@ -342,6 +394,10 @@ class Adapter(nn.Module):
             raise ValueError(f"load_state_dict: the state is of a {state['method']!r} adapter with hyper-parameters "
                              f"{state['hparams']}, but this is a {self.name!r} adapter with {self.hparams}; build "
                              "it with tta.adapt(<copy of the source model>, <same method>, <same hyper-parameters>)")
+        if state["start_hash"] != self.start_hash():
+            raise ValueError(f"load_state_dict: the state is of a {self.name!r} adapter that started from other weights "
+                             f"(start_hash {state['start_hash']!r}) than this one (start_hash {self.start_hash()!r}); "
+                             "build it with tta.adapt(<copy of the same source model>, ...)")
         state = copy.deepcopy(state)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
