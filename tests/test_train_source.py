@@ -278,6 +278,7 @@ def test_rerun_retrains_when_the_config_changed_and_keeps_the_old_checkpoint(tmp
     ("schedule=linear", ValueError, r"unknown schedule 'linear'; valid: \['cosine', 'constant'\]"),
     ("num_threads=0", ValueError, "num_threads must be null or an int >= 1, got 0"),
     ("+lr_decay=0.1", ValueError, r"unknown setting\(s\) \['lr_decay'\]"),
+    ("device=gpu0", ValueError, r"device='gpu0' is not a torch device \(auto, cpu, cuda, cuda:N\)"),
 ])
 def test_bad_settings_are_refused_before_anything(tmp_path, monkeypatch, override, error, message):
     script = _load_script("train_source")

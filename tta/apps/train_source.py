@@ -43,6 +43,7 @@ import tta.data
 import tta.models
 from tta.apps import DEBUG_ENV, config_dir, debugging, error_line
 from tta.models import save_checkpoint
+from tta.evaluation.pipeline import resolve_device
 from tta.evaluation.results import SUPERSEDED
 from tta.models.checkpoint import METADATA_KEY, make_metadata
 from tta.training import channel_stats, check_hparams, dataset_tensors, train
@@ -96,11 +97,7 @@ def check_config(cfg: DictConfig) -> None:
     threads = cfg.num_threads
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"num_threads must be null or an int >= 1, got {threads!r}")
-    if cfg.device != "auto":
-        try:
-            torch.device(cfg.device)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {cfg.device!r}") from error
+    resolve_device(cfg.device)  # a torch device name, and cuda only where there is CUDA
     if not isinstance(cfg.output, str) or not cfg.output:
         raise ValueError(f"output must be a checkpoint path, got {cfg.output!r}")
     check_writable(Path(cfg.output))
@@ -167,7 +164,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                            "moved to %s/", output, ", ".join(changed), SUPERSEDED)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     data_kwargs = _plain(cfg.dataset.get("kwargs"))
     train_set = tta.data.get_dataset(cfg.dataset.name, split="train", root=cfg.dataset.root, **data_kwargs)
     test_set = tta.data.get_dataset(cfg.dataset.name, split="test", root=cfg.dataset.root, **data_kwargs)
