@@ -137,7 +137,8 @@ def fidelity(names, n_images: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads of torch, and of OpenCV and BLAS for the reference (default 1)")
     p.add_argument("--names", nargs="*", default=None, help="corruptions (default: all registered)")
     p.add_argument("--severities", type=int, nargs="*", default=[1, 2, 3, 4, 5])
     p.add_argument("--batch32", type=int, default=1000)
@@ -151,6 +152,19 @@ def main() -> None:
     p.add_argument("--skip-fidelity", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # The reference gets the same number of threads: OpenCV's pool and the BLAS pools.
+    try:
+        import cv2
+
+        cv2.setNumThreads(args.threads)
+    except ImportError:
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(args.threads)
+    except ImportError:
+        pass
     order = [n for n in CORRUPTIONS + EXTRA_CORRUPTIONS if n in registered_corruptions()]
     names = args.names or order
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")

@@ -281,7 +281,7 @@ def test_glass_blur_wavefronts_equal_the_sequential_loop(h, w, d, iterations):
     out = blur.glass_blur(x, (sigma, d, iterations), ImageRNG(seeds)).numpy()
     # the same draws, assigned to (iteration, row, col) as glass_blur documents
     order, flat, _ = blur.glass_schedule(h, w, d, iterations)
-    q = ImageRNG(seeds).randint(0, 4 * d * d, len(flat)).numpy()
+    q = ImageRNG(seeds).small_randint(4 * d * d, len(flat)).numpy()
     rows = h - 2 * d
     cols = w - 2 * d
     it = order.numpy() // (rows * cols)
@@ -297,9 +297,15 @@ def test_glass_blur_wavefronts_equal_the_sequential_loop(h, w, d, iterations):
     assert not np.array_equal(out, y)  # pixels moved
 
 
-def test_motion_blur_matches_shift_and_add_loop(images32):
+@pytest.mark.parametrize("many", [False, True])  # per image, or grouped by shift (>= 32 images)
+def test_motion_blur_matches_shift_and_add_loop(images32, many):
     x = images32[:3].double() / 255
     angles = torch.tensor([-40.0, 3.0, 33.0])
+    if many:
+        x = torch.cat([x, torch.rand(37, 3, 32, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)])
+        angles = torch.cat([angles, torch.rand(37, generator=torch.Generator().manual_seed(6)) * 90 - 45])
+        angles[5:9] = 3.0  # a group sharing every shift
+    assert (len(x) >= blur._MOTION_GROUP_IMAGES) == many
     radius, sigma = 8, 2.5
     ours = blur.motion_blur_batch(x, radius, sigma, angles).numpy()
     k = np.exp(-np.arange(2 * radius + 1) ** 2 / (2 * sigma**2))
@@ -358,8 +364,11 @@ def test_contrast_is_per_channel_mean(images32):
     assert torch.allclose(corrupt(x, "contrast", 3, preset="cifar"), ref, atol=1e-12)
 
 
-@pytest.mark.parametrize("size,scale", [(32, 0.65), (64, 0.7), (224, 0.25), (45, 0.95)])
-def test_pixelate_equals_pillow_box(size, scale):
+@pytest.mark.parametrize("gather", [True, False])  # the upscale as a gather, or Pillow's (fallback)
+@pytest.mark.parametrize("size,scale", [(32, 0.65), (64, 0.7), (224, 0.25), (45, 0.95), (300, 0.3), (28, 0.95)])
+def test_pixelate_equals_pillow_box(size, scale, gather, monkeypatch):
+    if not gather:
+        monkeypatch.setattr(digital, "_box_upscale_index", lambda size_in, size_out: None)
     x = torch.randint(0, 256, (2, 3, size, size + 3), generator=torch.Generator().manual_seed(size), dtype=torch.uint8)
     ours = digital.pixelate(x.float() / 255, scale, None)
     ours = torch.round(ours * 255).to(torch.uint8)

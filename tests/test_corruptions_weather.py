@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 import tta
+import tta.corruptions.blur as blur
 import tta.corruptions.elastic as elastic
 import tta.corruptions.weather as weather
 from tta.corruptions._registry import get_corruption
@@ -113,8 +114,8 @@ def test_gaussians_match_scipy():
         ours = elastic._gaussian_reflect(f, sigma)
         ref = np.stack([ndimage.gaussian_filter(a, sigma, mode="reflect", truncate=3) for a in f.numpy()])
         np.testing.assert_allclose(ours.numpy(), ref, atol=1e-12)
-    for sigma in (0.5, 1.5, 4):
-        ours = weather._gaussian_nearest(f[:, None], sigma)[:, 0]
+    for sigma in (0.5, 1.0, 1.5, 4):  # 5 and 9 taps: shifted adds; 13 and 33: banded matmul
+        ours = blur.gaussian_filter(f[:, None], sigma)[:, 0]
         ref = np.stack([ndimage.gaussian_filter(a, sigma, mode="nearest", truncate=4) for a in f.numpy()])
         np.testing.assert_allclose(ours.numpy(), ref, atol=1e-12)
 
@@ -135,7 +136,7 @@ def test_motion_blur_matches_imagecorruptions_per_image():
     ic = pytest.importorskip("imagecorruptions.corruptions")
     x = torch.rand(4, 1, 40, 52)
     angles = torch.tensor([-131.0, -90.5, -60.2, -45.0])  # different shifts per image
-    ours = weather._motion_blur(x, 12, 8, angles)
+    ours = blur.motion_blur_batch(x, 12, 8, angles)  # snow's blur of its layer
     for i in range(4):
         ref = ic._motion_blur(x[i, 0].numpy(), 12, 8, float(angles[i]))
         np.testing.assert_allclose(ours[i, 0].numpy(), ref, atol=1e-5)
@@ -216,8 +217,8 @@ def test_elastic_matches_reference_algorithm(preset, size):
         params = get_corruption("elastic_transform").params[preset][severity - 1]
         ours = elastic.elastic_transform(x, params, ImageRNG(seeds))
         draws = ImageRNG(seeds)
-        u_aff, u_dx, u_dy = (draws.uniform(3, 2).double(), draws.uniform(size, size).double(),
-                             draws.uniform(size, size).double())
+        u_aff, fields = draws.uniform(3, 2).double(), draws.uniform32(2, size, size).double()
+        u_dx, u_dy = fields[:, 0], fields[:, 1]
         scale = size * params["size_factor"]  # 32, 64, or 244 at 224 px
         for i in range(2):
             ref = _reference_elastic(x[i].permute(1, 2, 0).numpy().copy(), params["alpha"] * scale,
@@ -319,3 +320,15 @@ def test_distribution_matches_imagecorruptions_at_224():
             noise = 3 * math.sqrt(d_ours.var(ddof=1) / n + d_ref.var(ddof=1) / n)
             gap = abs(d_ours.mean() - d_ref.mean())
             assert gap <= max(0.1 * d_ref.mean(), noise), (name, s, d_ours.mean(), d_ref.mean(), noise)
+
+
+def test_grey_snow_is_the_snow_of_the_grey_colour_image():
+    # A one-channel image is its own grey version: its snow equals channel 0 of the snow
+    # of the RGB image with three equal channels (same draws, luma of (v, v, v) = v).
+    grey = natural_images(2, 64)[:, :1]
+    for severity in (1, 5):
+        one = tta.corrupt(grey, "snow", severity, preset="tiny")
+        three = tta.corrupt(grey.expand(-1, 3, -1, -1).contiguous(), "snow", severity, preset="tiny")
+        diff = (one.int() - three[:, :1].int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 0.01, (severity, diff.max(), diff.float().mean())
+        assert torch.equal(three[:, 0], three[:, 1])

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from tta.corruptions._registry import PRESETS, get_corruption
+from tta.corruptions._registry import PRESETS, get_corruption, to_uint8
 from tta.corruptions._rng import ImageRNG, image_seeds
 
 # Importing the modules registers their corruptions.
@@ -172,21 +172,9 @@ def corrupt(
         # A fresh float32 copy: corruption functions may work in place, and float
         # inputs a hair outside [0, 1] (round-off of a normalisation) are clipped.
         xf = xs.float().div_(255.0) if xs.dtype == torch.uint8 else xs.float().clamp(0.0, 1.0)
-        y = entry.fn(xf, params, rng).clamp_(0.0, 1.0)
-        if x.dtype == torch.uint8:  # to_dtype, in place on the fresh y
-            out[start : start + chunk] = y.mul_(255.0).add_(1e-3)
+        y = entry.fn(xf, params, rng)
+        if x.dtype == torch.uint8:
+            to_uint8(y, out[start : start + chunk])  # in place on the fresh y
         else:
-            out[start : start + chunk] = y
+            out[start : start + chunk] = y.clamp_(0.0, 1.0)
     return out[0] if single else out
-
-
-def to_dtype(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Float [0, 1] -> ``dtype``; ``uint8`` truncates like the reference's ``np.uint8``.
-
-    A small tolerance keeps float round-off (``k / 255 * 255 = k - 1e-5``) from
-    losing a grey level.
-    """
-    if dtype == torch.uint8:
-        # y is in [0, 1]: the cast truncates, which is floor for these values.
-        return y.mul(255.0).add_(1e-3).to(torch.uint8)
-    return y.to(dtype)

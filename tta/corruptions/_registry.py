@@ -2,7 +2,8 @@
 
 A corruption function has the signature ``fn(x, params, rng) -> Tensor``:
 
-* ``x``: float32 tensor ``(N, C, H, W)`` in [0, 1], C in {1, 3}, any device;
+* ``x``: float32 tensor ``(N, C, H, W)`` in [0, 1], C in {1, 3}, any device; a fresh
+  copy that the function may overwrite;
 * ``params``: the entry of the chosen preset's table for the chosen severity
   (whatever the module put there: a number, a tuple, a small dict);
 * ``rng``: an :class:`~tta.corruptions._rng.ImageRNG` with one stream per image.
@@ -16,6 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
 
 PRESETS = ("cifar", "tiny", "imagenet")
 
@@ -61,3 +65,23 @@ def get_corruption(name: str) -> Corruption:
 
 def registered_corruptions() -> list[str]:
     return sorted(_CORRUPTIONS)
+
+
+def to_uint8(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float images (any values) -> uint8 like the reference's ``np.uint8(255 * clip(y, 0, 1))``.
+
+    The cast truncates; a tolerance of 1e-3 grey levels keeps float round-off
+    (``k / 255 * 255 = k - 1e-5``) from losing a level. Works in place on ``y``
+    (a fresh tensor) and writes into ``out`` (a uint8 tensor of ``y``'s shape) when
+    given. Corruptions that tabulate their uint8 results use this same function, so
+    their tables agree with the float path value for value."""
+    y = y.detach().clamp_(0.0, 1.0).mul_(255.0).add_(1e-3)
+    if out is None:
+        out = torch.empty_like(y, dtype=torch.uint8)  # y's memory layout: the cast needs no transposition
+    if y.device.type == "cpu" and out.device.type == "cpu":
+        # numpy's float -> uint8 cast is vectorised (about 4x torch's copy_ on the CPU);
+        # both truncate the same in-range values.
+        np.copyto(out.numpy(), y.numpy(), casting="unsafe")
+    else:
+        out.copy_(y)
+    return out

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tta.corruptions._registry import register_corruption
+from tta.corruptions._registry import register_corruption, to_uint8
 from tta.corruptions._rng import ImageRNG
 
-__all__ = ["gaussian_kernel1d", "filter_matrix", "gaussian_filter", "disk_kernel", "motion_taps", "glass_schedule"]
+__all__ = ["gaussian_kernel1d", "filter_matrix", "correlate1d", "gaussian_filter", "disk_kernel", "motion_taps",
+           "glass_schedule"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -95,16 +96,38 @@ def _filter_axis(x: torch.Tensor, kernel: tuple[float, ...], mode: str, dim: int
     return out
 
 
+def correlate1d(x: torch.Tensor, kernel, dim: int) -> torch.Tensor:
+    """Valid 1-D correlation of ``x`` with a short ``kernel`` (a sequence or 1-D tensor)
+    along ``dim``, as a sum of shifted slices (faster than a one-channel conv2d on
+    the CPU, and exact for integers)."""
+    k = [float(v) for v in kernel]
+    size = x.shape[dim] - len(k) + 1
+    out = x.narrow(dim, 0, size) * k[0]
+    for t in range(1, len(k)):
+        out.add_(x.narrow(dim, t, size), alpha=k[t])
+    return out
+
+
+_SHIFT_TAPS = 9  # up to this many taps, shifted adds beat the banded matmul (224 px, 1 thread)
+
+
 def _filter_separable(x: torch.Tensor, kernel: np.ndarray, mode: str) -> torch.Tensor:
     """Correlate every channel of ``x`` (N, C, H, W) with ``kernel`` along H and along W."""
     if len(kernel) == 1:
         return x * float(kernel[0])
     k = tuple(float(v) for v in kernel)
+    if mode == "nearest" and len(k) <= _SHIFT_TAPS:
+        r = len(k) // 2  # replicate padding may exceed the image size (it only clamps indices)
+        x = correlate1d(F.pad(x, (0, 0, r, r), mode="replicate"), k, 2)
+        return correlate1d(F.pad(x, (r, r, 0, 0), mode="replicate"), k, 3)
     return _filter_axis(_filter_axis(x, k, mode, 2), k, mode, 3)
 
 
 def gaussian_filter(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``skimage.filters.gaussian(x, sigma, channel_axis=-1)``: per channel, replicate border."""
+    """``skimage.filters.gaussian(x, sigma, channel_axis=-1)`` (scipy's kernel, truncate 4)
+    of (N, C, H, W): per channel, replicate border; ``sigma <= 0`` is the identity."""
+    if sigma <= 0:
+        return x
     return _filter_separable(x, gaussian_kernel1d(sigma), "nearest")
 
 
@@ -160,7 +183,10 @@ def glass_schedule(height: int, width: int, max_delta: int, iterations: int, dev
     iteration i gets time ``t = i*O + (D+1)*r + c`` with ``O = (D+2)*D + 1``:
     visits sharing a time never interact, and every pair that may interact keeps
     its order. So doing each time step as one batched gather/scatter gives exactly
-    the sequential result, in about ``(D+1)*H + W`` steps instead of ``H*W``.
+    the sequential result, in about ``(D+1)*H + W`` steps instead of ``H*W``. With
+    D = 1 every iteration is a single step (t = i): a visit reads (h or h-1, w or
+    w-1), which no earlier visit of its iteration writes, and a batched step reads
+    all its values before writing any.
 
     Returns:
         ``(order, flat, counts)``: ``order`` (M,) the visits ``(iteration, r, c)``
@@ -175,7 +201,9 @@ def glass_schedule(height: int, width: int, max_delta: int, iterations: int, dev
     k = d + 1
     offset = (k + 1) * d + 1
     i, r, c = torch.meshgrid(torch.arange(iterations), torch.arange(rows), torch.arange(cols), indexing="ij")
-    t = (i * offset + k * r + c).reshape(-1)
+    # D = 1: offsets are -1 or 0, so a visit reads a pixel that no earlier visit of
+    # its iteration wrote: each iteration is one step (10x fewer steps at 224 px).
+    t = (i * offset + k * r + c if d > 1 else i).reshape(-1)
     t_sorted, order = torch.sort(t, stable=True)
     h = (height - d - r).reshape(-1)[order]
     w = (width - d - c).reshape(-1)[order]
@@ -221,12 +249,32 @@ def motion_blur_batch(x: torch.Tensor, radius: int, sigma: float, angles_deg: to
     xp = F.pad(x, (p, p, p, p), mode="replicate") if p else x
     out = torch.zeros_like(x)
     weights = wts.tolist()
+    if n >= _MOTION_GROUP_IMAGES:
+        # Many (small) images: those that share a tap's shift are added in one call.
+        keys = np.where(valid.numpy(), ((p - dy) * (2 * p + 1) + (p - dx)).numpy(), -1)
+        for i, wt in enumerate(weights):
+            order = np.argsort(keys[:, i], kind="stable")
+            values, starts = np.unique(keys[order, i], return_index=True)
+            for key, group in zip(values.tolist(), np.split(order, starts[1:])):
+                if key < 0:
+                    continue
+                sy, sx = divmod(key, 2 * p + 1)
+                window = (slice(None), slice(None), slice(sy, sy + h), slice(sx, sx + w))
+                if len(group) == n:
+                    out.add_(xp[window], alpha=wt)
+                else:
+                    index = torch.from_numpy(group).to(x.device)
+                    out.index_add_(0, index, xp[window].index_select(0, index), alpha=wt)
+        return out
     for img, src, sy, sx, on in zip(out, xp, (p - dy).tolist(), (p - dx).tolist(), valid.tolist()):
         for i, wt in enumerate(weights):
             if not on[i]:
                 break
             img.add_(src[:, sy[i] : sy[i] + h, sx[i] : sx[i] + w], alpha=wt)
     return out
+
+
+_MOTION_GROUP_IMAGES = 32  # from this many images per call (small ones, by the chunk sizes) group by shift
 
 
 # ------------------------------------------------------------------------ corruptions
@@ -287,16 +335,24 @@ def _fft_size(n: int) -> int:
         n += 1
 
 
-@functools.lru_cache(maxsize=4)
-def _glass_targets(height: int, width: int, max_delta: int, iterations: int, n: int):
-    """:func:`glass_schedule` laid out for a batch of ``n`` images, position-major:
-    entry ``p * n + j`` is pixel p of image j, and visit k of image j is row k,
-    column j of ``dst`` (M, n) int64, so every wavefront is one contiguous slice
-    ``bounds[t]`` of the flattened ``dst`` for all images at once."""
+@functools.lru_cache(maxsize=16)
+def _glass_steps(height: int, width: int, max_delta: int, iterations: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """:func:`glass_schedule` as numpy: ``flat`` (M,) intp pixel indices and the
+    ``[start, end)`` visit range of every wavefront."""
     _, flat, counts = glass_schedule(height, width, max_delta, iterations)
-    ends = (np.cumsum(counts) * n).tolist()
-    dst = flat.view(-1, 1) * n + torch.arange(n).view(1, n)
-    return list(zip([0] + ends[:-1], ends)), dst
+    ends = np.cumsum(counts).tolist()
+    return flat.numpy().astype(np.intp), list(zip([0] + ends[:-1], ends))
+
+
+@functools.lru_cache(maxsize=12)
+def _glass_entries(height: int, width: int, max_delta: int, iterations: int, n: int) -> np.ndarray:
+    """(M, n) intp, read-only: entry ``flat[k] * n + j`` that visit k of image j writes
+    (position-major layout). Cached: a quarter of glass blur's set-up at 224 px
+    (about 5 MB per severity for the 7-image chunks there)."""
+    flat, _ = _glass_steps(height, width, max_delta, iterations)
+    entries = flat.reshape(-1, 1) * n + np.arange(n)
+    entries.flags.writeable = False
+    return entries
 
 
 @register_corruption(
@@ -312,28 +368,44 @@ def glass_blur(x: torch.Tensor, params, rng: ImageRNG) -> torch.Tensor:
     # is shuffled at any size.
     sigma, max_delta, iterations = params
     n, c, h, w = x.shape
-    # The reference quantises to uint8 between the two blurs (np.uint8 truncates).
-    y = torch.floor(gaussian_filter(x, sigma) * 255.0 + 1e-3).clamp_(0, 255) / 255.0
-    order, flat, counts = glass_schedule(h, w, max_delta, iterations)
-    if counts:
+    # The reference quantises to uint8 between the two blurs (np.uint8 truncates);
+    # the pixels move as bytes.
+    y = to_uint8(gaussian_filter(x, sigma))
+    flat, steps = _glass_steps(h, w, max_delta, iterations)
+    if steps:
         # One draw per visited position, uniform over the (2D)^2 offsets, i.e. dx
         # and dy independent and uniform in [-D, D-1] as in the reference. Draw k of
         # an image belongs to the k-th position in wavefront order.
         side = 2 * max_delta
-        q = rng.randint(0, side * side, len(flat)).to("cpu")
-        bounds, dst = _glass_targets(h, w, max_delta, iterations, n)
-        # The pixel offset of each draw: (q // side - D) * W + (q % side - D).
-        offsets = torch.tensor([(a // side - max_delta) * w + (a % side - max_delta) for a in range(side * side)])
-        shift = offsets.index_select(0, q.view(-1)).view(n, -1).t()  # (M, N)
-        src = (dst + shift * n).view(-1).numpy()  # the entry each visit copies
-        dst = dst.view(-1).numpy()
+        q = rng.small_randint(side * side, len(flat)).numpy()  # (N, M)
+        # Position-major layout: entry p * N + j is pixel p of image j, so every
+        # wavefront is one contiguous slice [a N, b N) of dst and src for all images.
+        a = np.arange(side * side)
+        offsets = ((a // side - max_delta) * w + (a % side - max_delta)) * n  # draw -> entry offset
+        dst = _glass_entries(h, w, max_delta, iterations, n)  # (M, N) the entry each visit writes
+        src = offsets.take(q.T)  # (M, N), the offset of the entry each visit copies
+        src += dst
+        src = src.reshape(-1)
+        dst = dst.reshape(-1)
         # perm[p * N + j]: which source pixel location p of image j shows. numpy's
         # fancy indexing (intp indices) has the lowest per-step overhead here.
         perm = np.repeat(np.arange(h * w, dtype=np.int32), n)
-        for a, b in bounds:
-            perm[dst[a:b]] = perm[src[a:b]]
-        index = torch.from_numpy(perm).view(h * w, n).t().to(device=x.device, dtype=torch.int64)
-        y = torch.gather(y.reshape(n, c, h * w), 2, index.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
+        for first, last in steps:
+            perm[dst[first * n : last * n]] = perm[src[first * n : last * n]]
+        perm = perm.reshape(h * w, n).T  # (N, H W)
+        if x.device.type == "cpu":
+            # numpy's take per image and channel: faster than torch.gather here.
+            yn = y.reshape(n, c, h * w).numpy()
+            moved = np.empty_like(yn)
+            for j in range(n):
+                index = perm[j].astype(np.intp)
+                for k in range(c):
+                    yn[j, k].take(index, out=moved[j, k])
+            y = torch.from_numpy(moved).view(n, c, h, w)
+        else:
+            index = torch.from_numpy(np.ascontiguousarray(perm)).to(device=x.device, dtype=torch.int64)
+            y = torch.gather(y.reshape(n, c, h * w), 2, index.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
+    y = y.to(x.dtype).div_(255.0)
     return gaussian_filter(y, sigma)
 
 
@@ -360,10 +432,16 @@ def _zoom_factors(stop: float, step: float) -> tuple[float, ...]:
     cifar=[_zoom_factors(m, 0.01) for m in (1.06, 1.11, 1.16, 1.21, 1.26)],
     tiny=[_zoom_factors(m, 0.01) for m in (1.06, 1.11, 1.16, 1.21, 1.26)],
     imagenet=[_zoom_factors(m, s) for m, s in ((1.11, 0.01), (1.16, 0.01), (1.21, 0.02), (1.26, 0.02), (1.31, 0.03))],
-    chunk_values=1 << 21,
+    chunk_values=8 * 3 * 224 * 224,  # 8 RGB images at 224 px: the fastest chunk measured (1 thread)
 )
 def zoom_blur(x: torch.Tensor, factors, rng: ImageRNG) -> torch.Tensor:
     n, c, h, w = x.shape
+    if x.dtype == torch.uint8:
+        # uint8 in, uint8 out: the float path's values, with the NCHW <-> NHWC
+        # transpositions done on bytes (4x cheaper than on floats at 224 px).
+        if h * w <= _ZOOM_MATRIX_PIXELS:
+            return to_uint8(zoom_blur(x.float().div_(255.0), factors, rng))
+        return to_uint8(_zoom_sum(_channels_last(x), factors))[:, : n * c].view(n, c, h, w)  # the caller transposes
     if h * w <= _ZOOM_MATRIX_PIXELS:
         # Small images: the whole (linear) operation as one matrix, a single matmul.
         m = _zoom_matrix(h, w, tuple(factors)).to(x.device, x.dtype)
@@ -371,19 +449,43 @@ def zoom_blur(x: torch.Tensor, factors, rng: ImageRNG) -> torch.Tensor:
     return _zoom_blur(x, factors)
 
 
+zoom_blur.uint8_native = True
 _ZOOM_MATRIX_PIXELS = 32 * 32  # beyond, the matrix costs more than the interpolations
+# torch's channels-last bilinear kernel is up to 2x faster per channel when the channel
+# count is a multiple of 8 (measured with AVX-512): the batch is padded to it.
+_ZOOM_CHANNELS = 8
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (1, K, H, W) channels-last float in [0, 1]: all images and channels as
+    the channels of one NHWC image, zero-padded to K = N C rounded up to _ZOOM_CHANNELS."""
+    n, c, h, w = x.shape
+    k = -(-n * c // _ZOOM_CHANNELS) * _ZOOM_CHANNELS
+    dtype = torch.float32 if x.dtype == torch.uint8 else x.dtype
+    out = torch.empty(1, k, h, w, dtype=dtype, device=x.device, memory_format=torch.channels_last)
+    out[:, : n * c].copy_(x.reshape(1, n * c, h, w))  # one transposing (and casting) copy
+    out[:, n * c :].zero_()
+    return out.div_(255.0) if x.dtype == torch.uint8 else out
 
 
 def _zoom_blur(x: torch.Tensor, factors) -> torch.Tensor:
     n, c, h, w = x.shape
-    # All images and channels as the channels of one NHWC image: torch's bilinear kernel
-    # vectorises over the channels (4x faster than 3 channels per image at 224 px).
-    x = x.reshape(1, n * c, h, w).contiguous(memory_format=torch.channels_last)
-    out = x.clone()
-    for z in factors:
-        out += centre_zoom(x, z)
     # (N, C, H, W) view of the NHWC result: the caller's copy to its output transposes it
-    return out.div_(len(factors) + 1).view(n, c, h, w)
+    return _zoom_sum(_channels_last(x), factors)[:, : n * c].view(n, c, h, w)
+
+
+def _zoom_sum(x: torch.Tensor, factors) -> torch.Tensor:
+    """The image and its centre zooms, averaged, of a (1, K, H, W) channels-last batch
+    (see :func:`_channels_last`), over whose channels torch's bilinear kernel vectorises
+    (4x faster than 3 channels per image at 224 px)."""
+    # The reference's first factor is 1: its zoom (same size, corners aligned) is the
+    # image itself, exactly, so image + zoom is 2 x (exact too) without an interpolation.
+    identity = sum(1 for z in factors if z == 1)
+    out = x * float(1 + identity)
+    for z in factors:
+        if z != 1:
+            out += centre_zoom(x, z)
+    return out.div_(len(factors) + 1)
 
 
 @functools.lru_cache(maxsize=32)
@@ -402,6 +504,9 @@ def centre_zoom(x: torch.Tensor, z: float) -> torch.Tensor:
     ch, cw = int(math.ceil(h / z)), int(math.ceil(w / z))
     top, left = (h - ch) // 2, (w - cw) // 2
     crop = x[:, :, top : top + ch, left : left + cw]
+    if c > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        # A dense copy first: the channels-last kernel is 1.5x slower on a strided crop.
+        crop = crop.contiguous(memory_format=torch.channels_last)
     oh, ow = int(round(ch * z)), int(round(cw * z))
     y = F.interpolate(crop, size=(oh, ow), mode="bilinear", align_corners=True)
     th, tw = (oh - h) // 2, (ow - w) // 2

@@ -114,29 +114,51 @@ def pixelate(x: torch.Tensor, scale: float, rng: ImageRNG) -> torch.Tensor:
     # on a pixel border); the result is 8-bit, as in the reference.
     n, c, h, w = x.shape
     small = (int(w * scale), int(h * scale))
-    return _per_image_pil(x, lambda img: img.resize(small, Image.BOX).resize((w, h), Image.BOX))
+    down = _per_image_pil(x, lambda img: img.resize(small, Image.BOX), size=small)
+    rows, cols = _box_upscale_index(small[1], h), _box_upscale_index(small[0], w)
+    if rows is None or cols is None:
+        return _per_image_pil(down, lambda img: img.resize((w, h), Image.BOX), size=(w, h))
+    # Pillow's BOX upscaling copies one source pixel per output pixel: a gather.
+    return down.index_select(2, rows.to(x.device)).index_select(3, cols.to(x.device))
 
 
-def _per_image_pil(x: torch.Tensor, fn) -> torch.Tensor:
-    """Apply ``fn`` (PIL image -> PIL image of the same size and mode) to every image as
-    8 bits. ``uint8`` in, ``uint8`` out (see ``UINT8_NATIVE``); float in [0, 1] in, float out."""
+@functools.lru_cache(maxsize=64)
+def _box_upscale_index(size_in: int, size_out: int) -> torch.Tensor | None:
+    """The source pixel of every output pixel of Pillow's BOX resize from ``size_in`` to
+    ``size_out`` pixels along an axis (``size_out > size_in``), read off Pillow itself: a
+    float ("F") row whose values are the pixel indices, resized. None where an output
+    blends several pixels (then pixelate upscales with Pillow)."""
+    if size_out <= size_in:
+        return None
+    probe = Image.fromarray(np.arange(size_in, dtype=np.float32)[None, :], mode="F")
+    index = np.asarray(probe.resize((size_out, 1), Image.BOX))[0].astype(np.float64)
+    if not np.array_equal(index, np.round(index)) or index.min() < 0 or index.max() > size_in - 1:
+        return None
+    return torch.from_numpy(index.astype(np.int64))
+
+
+def _per_image_pil(x: torch.Tensor, fn, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Apply ``fn`` (PIL image -> PIL image of the same mode and of ``size`` = (W, H),
+    default the input's) to every image as 8 bits. ``uint8`` in, ``uint8`` out (see
+    ``UINT8_NATIVE``); float in [0, 1] in, float out."""
     dtype, x = x.dtype, _to_uint8(x)
     n, c, h, w = x.shape
+    ow, oh = size or (w, h)
     if c == 3 and h * w > _PLANES_MIN_PIXELS:
         # Large images: Pillow interleaves the (H, W) planes into RGB and splits them back
         # itself, the same image without a strided NCHW <-> NHWC copy of the batch (which cost
         # as much as the JPEG round trip at 224 px).
         u8 = x.contiguous().cpu().numpy()
-        out = np.empty_like(u8)
+        out = np.empty((n, c, oh, ow), dtype=np.uint8)
         for i, planes in enumerate(u8):
             for j, band in enumerate(fn(Image.merge("RGB", [Image.fromarray(p) for p in planes])).split()):
                 out[i, j] = np.asarray(band)
         y = torch.from_numpy(out)
     else:  # small images: fewer Python calls per image
         u8 = x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-        out = np.empty_like(u8)
+        out = np.empty((n, oh, ow, c), dtype=np.uint8)
         for i, img in enumerate(u8):
-            out[i] = np.asarray(fn(Image.fromarray(img[..., 0] if c == 1 else img))).reshape(img.shape)
+            out[i] = np.asarray(fn(Image.fromarray(img[..., 0] if c == 1 else img))).reshape(out.shape[1:])
         y = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
     y = y.to(x.device)
     return y if dtype == torch.uint8 else y.to(dtype).div_(255.0)

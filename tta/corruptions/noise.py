@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 
-from tta.corruptions._registry import register_corruption
+from tta.corruptions._registry import register_corruption, to_uint8
 from tta.corruptions._rng import ImageRNG
 
 
@@ -23,7 +24,7 @@ from tta.corruptions._rng import ImageRNG
     chunk_values=1 << 18,
 )
 def gaussian_noise(x: torch.Tensor, sigma: float, rng: ImageRNG) -> torch.Tensor:
-    return x + sigma * rng.normal(*x.shape[1:])
+    return x.add_(rng.normal(*x.shape[1:]), alpha=sigma)  # in place on corrupt()'s fresh copy
 
 
 @register_corruption(
@@ -39,6 +40,8 @@ def shot_noise(x: torch.Tensor, rate: float, rng: ImageRNG) -> torch.Tensor:
     # they are sampled exactly by inversion of tabulated CDFs, 5x faster than
     # Poisson samplers. Other images (float input between grid values) use
     # torch.poisson. The choice is per image, so chunking cannot change it.
+    if x.dtype == torch.uint8:
+        return _shot_noise_uint8(x, rate, rng)
     n = x.shape[0]
     flat = x.reshape(n, -1).cpu()
     out = torch.empty(flat.shape)
@@ -63,6 +66,88 @@ def shot_noise(x: torch.Tensor, rate: float, rng: ImageRNG) -> torch.Tensor:
     out = out.view_as(x).to(x.device, x.dtype)
     return out.div_(rate)
 
+
+def _shot_noise_uint8(x: torch.Tensor, rate: float, rng: ImageRNG) -> torch.Tensor:
+    """uint8 in, uint8 out: the float path's result value for value, from one table.
+
+    The float path draws u = (r >> 11) 2^-53 from each 64-bit output r of the
+    image's numpy generator (numpy's ``random()``) and returns
+    ``to_uint8(#{j : cdf_level(j) <= u} / rate)``. The top :data:`_TABLE_BITS` bits
+    of r fix u's bin; where no CDF value of the level falls inside that bin, the
+    result is known from (level, bin) alone and read from a table. Where some do
+    (a few percent of the draws), the table holds ``-1 - lo`` with ``lo`` the count
+    at the bin's start: one CDF value past ``lo`` at most is below u for nearly all
+    of them (two comparisons), and the rest go through the float path's sampler."""
+    n = x.shape[0]
+    levels = x.reshape(-1).cpu().numpy()
+    table, to_u8, cdf = _shot_uint8_table(float(rate))
+    length = cdf.shape[1]
+    cdf = cdf.reshape(-1)
+    gens = rng.numpy_generators
+    per_image = levels.size // max(n, 1)
+    if n == 1:  # the stream of g.random(): one 64-bit output per value
+        raw = gens[0].bit_generator.random_raw(per_image)
+    else:
+        raw = np.empty(levels.size, dtype=np.uint64)
+        for i, g in enumerate(gens):
+            raw[i * per_image : (i + 1) * per_image] = g.bit_generator.random_raw(per_image)
+    index = raw >> np.uint64(64 - _TABLE_BITS)
+    index |= levels.astype(np.uint64) << np.uint64(_TABLE_BITS)  # the table row of every value
+    v = table.take(index.view(np.int64))  # below 2^19: the same numbers as int64
+    inside = np.flatnonzero(v < 0)
+    if inside.size:
+        u = (raw[inside] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        low = -1 - v[inside].astype(np.intp)
+        start = levels[inside].astype(np.intp) * length  # the level's CDF row
+        at = start + low  # lo + 1 < length: a CDF value lies inside the bin
+        counts = low + (u >= cdf.take(at))
+        more = np.flatnonzero(u >= cdf.take(at + 1))
+        if more.size:  # several CDF values of the bin below u (tail bins): bisection
+            counts[more] = _first_above(cdf, at[more] + 2, start[more] + length - 1, u[more]) - start[more]
+        v[inside] = to_u8.take(counts)
+    return torch.from_numpy(v.astype(np.uint8)).view(x.shape).to(x.device)
+
+
+def _first_above(values: np.ndarray, low: np.ndarray, high: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Per element, the first index in [low, high] of the sorted runs of ``values`` whose
+    value exceeds u (``values[high]`` must: the CDFs end in +inf), by bisection."""
+    low, high = low.copy(), high.copy()
+    while True:
+        open_ = np.flatnonzero(low < high)
+        if not open_.size:
+            return low
+        mid = (low[open_] + high[open_]) // 2
+        below = values.take(mid) <= u[open_]
+        low[open_] = np.where(below, mid + 1, low[open_])
+        high[open_] = np.where(below, high[open_], mid)
+
+
+_TABLE_BITS = 11  # bins of u per level in the uint8 table (256 x 2048 int16: 1 MiB, cache-sized)
+
+
+@functools.lru_cache(maxsize=32)
+def _shot_uint8_table(rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(table, to_u8, cdf)``: ``table[(k << _TABLE_BITS) | b]`` (int16) the uint8 result
+    of level k for every u in bin b = [b, b + 1) / 2^_TABLE_BITS, or ``-1 - lo`` where a
+    CDF value of level k falls inside the bin, ``lo = #{j : cdf_k(j) <= b / 2^_TABLE_BITS}``;
+    ``to_u8[count]`` the uint8 value of ``count / rate`` as the float path converts it
+    (:func:`to_uint8`); ``cdf`` the (256, L) float64 CDFs (:func:`_poisson_cdf`)."""
+    cdf = _poisson_cdf(rate)  # (256, L), +inf last
+    bins = 1 << _TABLE_BITS
+    edges = torch.arange(bins + 1, dtype=torch.float64) / bins
+    # #{j : cdf(j) <= u} is constant on [lo_edge, hi_edge) iff no cdf value lies in (lo_edge, hi_edge).
+    at_low = torch.searchsorted(cdf, edges[:-1].expand(256, -1).contiguous(), right=True).numpy()
+    below_high = torch.searchsorted(cdf, edges[1:].expand(256, -1).contiguous(), right=False).numpy()
+    if cdf.shape[1] >= 1 << 15:
+        raise ValueError(f"shot noise rate {rate} too large for the uint8 table")  # int16 entries
+    counts = torch.arange(cdf.shape[1], dtype=torch.float32)
+    to_u8 = to_uint8(counts.div_(rate)).numpy().astype(np.int16)
+    table = np.where(at_low == below_high, to_u8[at_low], -1 - at_low).astype(np.int16)
+    return table.reshape(-1), to_u8, cdf.numpy()
+
+
+# uint8 input: the table path above (same values as the float path, about 4x faster).
+shot_noise.uint8_native = True
 
 _GROUP_VALUES = 1 << 16  # values sampled per group of images (cache-sized temporaries)
 _WALK = 16  # CDF values compared per step of the tail walk
@@ -148,9 +233,46 @@ def impulse_noise(x: torch.Tensor, amount: float, rng: ImageRNG) -> torch.Tensor
     # replaced with probability `amount`, by 1 or 0 with equal odds. One uniform
     # per value gives the same distribution as skimage's two: u <= amount/2 is
     # salt, amount/2 < u <= amount is pepper.
+    if x.dtype == torch.uint8:
+        return _impulse_noise_uint8(x, amount, rng)
     u = rng.uniform32(*x.shape[1:])  # numpy's float32 uniforms: faster than torch.rand
     out = torch.where(u <= amount, (u <= amount / 2).to(x.dtype), x)
     return out
+
+
+def _impulse_noise_uint8(x: torch.Tensor, amount: float, rng: ImageRNG) -> torch.Tensor:
+    """uint8 in, uint8 out: the float path's result value for value, on the raw bits.
+
+    numpy's float32 uniform is ``(r >> 8) 2^-24`` for the 32-bit halves r of its
+    64-bit outputs (low half first), so ``u <= a`` is ``r < t(a)`` with the integer
+    threshold of :func:`_uniform32_threshold`; salt is 255, pepper 0, and the
+    untouched values keep their level (the float path's round trip is exact)."""
+    n = x.shape[0]
+    values = x.reshape(n, -1).cpu().numpy()
+    out = np.empty_like(values)
+    noisy, salt = _uniform32_threshold(amount), _uniform32_threshold(amount / 2)
+    length = values.shape[1]
+    for row, value, g in zip(out, values, rng.numpy_generators):
+        r = g.bit_generator.random_raw((length + 1) // 2).view(np.uint32)[:length]  # the stream of g.random(float32)
+        # Branch-free bit arithmetic: (value & keep) | salt, with 0/255 masks (masked
+        # assignments slow down with the fraction of values they change).
+        np.bitwise_and(value, (r >= noisy).view(np.uint8) * np.uint8(255), out=row)
+        row |= (r < salt).view(np.uint8) * np.uint8(255)
+    return torch.from_numpy(out).view(x.shape).to(x.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform32_threshold(a: float) -> np.uint32:
+    """The t with ``(r >> 8) 2^-24 <= a`` (compared as torch compares a float32
+    tensor with the number a) exactly when ``r < t``, for 32-bit r."""
+    m = min(int(a * 2**24) + 2, 2**24 - 1)
+    while m >= 0 and not bool(torch.tensor(m * 2.0**-24, dtype=torch.float32) <= a):
+        m -= 1
+    return np.uint32(min((m + 1) << 8, 2**32 - 1))
+
+
+# uint8 input: the raw-bits path above (same values as the float path).
+impulse_noise.uint8_native = True
 
 
 @register_corruption(
@@ -161,4 +283,4 @@ def impulse_noise(x: torch.Tensor, amount: float, rng: ImageRNG) -> torch.Tensor
     chunk_values=1 << 18,
 )
 def speckle_noise(x: torch.Tensor, sigma: float, rng: ImageRNG) -> torch.Tensor:
-    return x + x * sigma * rng.normal(*x.shape[1:])
+    return x.addcmul_(x, rng.normal(*x.shape[1:]), value=sigma)  # x + sigma x n, in place

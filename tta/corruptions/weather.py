@@ -40,6 +40,7 @@ from scipy import ndimage
 
 from tta.corruptions._registry import register_corruption
 from tta.corruptions._rng import ImageRNG
+from tta.corruptions.blur import correlate1d, gaussian_filter, motion_blur_batch
 
 __all__ = ["snow", "frost", "fog", "spatter"]
 
@@ -51,38 +52,8 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, 1, H, W) luma; a one-channel image is its own grey."""
     if x.shape[1] == 1:
         return x
-    w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
-
-
-def _gaussian_kernel1d(sigma: float, truncate: float, dtype, device) -> torch.Tensor:
-    # scipy.ndimage's kernel: radius int(truncate * sigma + 0.5), normalised after truncation.
-    radius = int(truncate * sigma + 0.5)
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return (k / k.sum()).to(dtype=dtype, device=device)
-
-
-def _correlate1d(x: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.Tensor:
-    """Valid 1-D correlation of ``x`` with a short ``kernel`` along ``dim``, as a sum of
-    shifted slices (faster than a one-channel conv2d on CPU, and exact for integers)."""
-    k = kernel.numel()
-    size = x.shape[dim] - k + 1
-    out = x.narrow(dim, 0, size) * float(kernel[0])
-    for t in range(1, k):
-        out.add_(x.narrow(dim, t, size), alpha=float(kernel[t]))
-    return out
-
-
-def _gaussian_nearest(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """scikit-image ``gaussian(x, sigma)`` (mode "nearest", truncate 4) of (N, 1, H, W)."""
-    if sigma <= 0:
-        return x
-    k = _gaussian_kernel1d(sigma, truncate, torch.float64, "cpu")
-    r = (k.numel() - 1) // 2
-    # Replicate padding may exceed the image size (it only clamps indices).
-    x = _correlate1d(F.pad(x, (0, 0, r, r), mode="replicate"), k, 2)
-    return _correlate1d(F.pad(x, (r, r, 0, 0), mode="replicate"), k, 3)
+    grey = x[:, 0:1] * _LUMA[0]  # one-channel passes: 3x less traffic than a weighted channel sum
+    return grey.add_(x[:, 1:2], alpha=_LUMA[1]).add_(x[:, 2:3], alpha=_LUMA[2])
 
 
 # /////////////// snow ///////////////
@@ -104,50 +75,6 @@ def _clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
     out = F.interpolate(crop, size=(zh, zw), mode="bilinear", align_corners=True)
     th, tw = (zh - h) // 2, (zw - w) // 2
     return out[..., th:th + h, tw:tw + w]
-
-
-def _motion_blur(x: torch.Tensor, radius: int, sigma: float, angle: torch.Tensor) -> torch.Tensor:
-    """Shift-and-add motion blur of (N, C, H, W) with one angle (degrees) per image.
-
-    Tap ``i`` of the one-sided Gaussian kernel (width 2 radius + 1) reads the image
-    shifted by (-ceil(i cos a - 1/2), -ceil(i sin a - 1/2)) pixels with edge
-    replication; taps from the first one that leaves the image on are dropped
-    (without renormalising), as in the size-generic ports. Every shift is a slice of
-    the replicate-padded batch; images that share a tap's shift are added together.
-    """
-    n, c, h, w = x.shape
-    width = 2 * radius + 1
-    i = torch.arange(width, dtype=torch.float64)
-    kernel = torch.exp(-(i**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    a = torch.deg2rad(angle.detach().to("cpu", torch.float64)).view(n, 1)
-    dy = -torch.ceil(i * torch.sin(a) - 0.5).long()  # (N, width)
-    dx = -torch.ceil(i * torch.cos(a) - 0.5).long()
-    inside = torch.cumprod(((dy.abs() < h) & (dx.abs() < w)).long(), dim=1).bool()
-    pad = int(max(dy.abs().max(), dx.abs().max()))
-    # Replicate padding turns every shift into a plain slice.
-    xp = F.pad(x, (pad, pad, pad, pad), mode="replicate") if pad else x
-    out = torch.zeros_like(x)
-    for t in range(width):
-        keys = torch.where(inside[:, t], (dy[:, t] + pad) * (2 * pad + 1) + (dx[:, t] + pad), -1)
-        for key in keys.unique().tolist():
-            if key < 0:
-                continue
-            sy, sx = divmod(key, 2 * pad + 1)
-            sy, sx = sy - pad, sx - pad
-            weight = float(kernel[t])
-            rows = slice(pad - sy, pad - sy + h)
-            cols = slice(pad - sx, pad - sx + w)
-            sel = (keys == key).nonzero().view(-1)
-            if sel.numel() == n:
-                out.add_(xp[:, :, rows, cols], alpha=weight)
-            elif sel.numel() <= 4:  # a few images: plain slices beat a gather
-                for j in sel.tolist():
-                    out[j].add_(xp[j, :, rows, cols], alpha=weight)
-            else:
-                sel = sel.to(x.device)
-                out.index_add_(0, sel, xp.index_select(0, sel)[:, :, rows, cols], alpha=weight)
-    return out
 
 
 _SNOW_KEYS = ("mu", "sigma", "zoom", "threshold", "blur_radius", "blur_sigma", "blend")
@@ -176,16 +103,16 @@ def snow(x: torch.Tensor, params: dict, rng: ImageRNG) -> torch.Tensor:
     n, c, h, w = x.shape
     layer = rng.normal(h, w).to(x.dtype).unsqueeze(1) * params["sigma"] + params["mu"]
     layer = _clipped_zoom(layer, params["zoom"])
-    layer = torch.where(layer < params["threshold"], torch.zeros_like(layer), layer)
+    layer = layer.masked_fill(layer < params["threshold"], 0.0)
     # The reference stores the layer as an 8-bit image before and after the blur.
-    layer = torch.floor(layer.clamp(0, 1) * 255) / 255
+    layer = layer.clamp_(0, 1).mul_(255).floor_().div_(255)
     angle = rng.uniform(1).view(n) * 90 - 135  # U(-135, -45) degrees
-    layer = _motion_blur(layer, params["blur_radius"], params["blur_sigma"], angle)
-    layer = torch.round(layer * 255) / 255
-    # blend x + (1 - blend) max(x, 1.5 grey + 0.5), rewritten as
-    # x + (1 - blend) relu(1.5 grey + 0.5 - x) to touch the full-size tensor less.
-    brighter = (_gray(x) * 1.5 + 0.5 - x).clamp_(min=0).mul_(1 - params["blend"])
-    return brighter.add_(x).add_(layer + layer.flip(-2, -1))
+    layer = motion_blur_batch(layer, params["blur_radius"], params["blur_sigma"], angle)
+    layer = layer.mul_(255).round_().div_(255)
+    # blend x + (1 - blend) max(x, 1.5 grey + 0.5), as a lerp from the brightened image
+    # towards x (three passes over the full-size tensor).
+    out = torch.maximum(x, _gray(x).mul(1.5).add_(0.5)).lerp_(x, params["blend"])  # _gray may return x
+    return out.add_(layer.add_(layer.flip(-2, -1)))
 
 
 # /////////////// frost ///////////////
@@ -310,11 +237,13 @@ def _plasma_fractal(u: torch.Tensor, map_size: int, decay: float) -> torch.Tenso
         (N, map_size, map_size) float32 (the size-generic port computes in float32 too).
     """
     n = u.shape[0]
-    noise = u.to(torch.float32) * 2 - 1  # U(-1, 1)
+    noise = u.to(torch.float32).mul_(2).sub_(1)  # U(-1, 1)
     used, wibble = 0, 100.0
     # The map at the current level: the corner grid, contiguous (N, k, k); each
-    # level computes the centres and the edge midpoints and interleaves them into
-    # the (N, 2k, 2k) grid of the next level (no strided writes).
+    # level computes the centres and the edge midpoints and writes them, with the
+    # corners, into the (N, 2k, 2k) grid of the next level. Neighbours across the
+    # (wrapping) border are slices of a copy extended by one row and column, in
+    # the reference's order of additions.
     corners = torch.zeros(n, 1, 1, dtype=torch.float32, device=u.device)
     for _ in range(int(math.log2(map_size))):
         k = corners.shape[1]
@@ -325,16 +254,31 @@ def _plasma_fractal(u: torch.Tensor, map_size: int, decay: float) -> torch.Tenso
             used += k * k
             return out
 
-        squares = corners + corners.roll(-1, 1)
-        centres = (squares + squares.roll(-1, 2)) / 4 + draw()
-        tops = (centres + centres.roll(1, 1) + corners + corners.roll(-1, 2)) / 4 + draw()
-        lefts = (centres + centres.roll(1, 2) + corners + corners.roll(-1, 1)) / 4 + draw()
-        even = torch.stack([corners, tops], dim=-1).view(n, k, 2 * k)
-        odd = torch.stack([lefts, centres], dim=-1).view(n, k, 2 * k)
-        corners = torch.stack([even, odd], dim=2).view(n, 2 * k, 2 * k)
+        c = _wrap_extend(corners, after=True)  # c[i, j] = corners[(i, j) mod k]
+        squares = c[:, :k, : k + 1] + c[:, 1:, : k + 1]  # corners[i, j] + corners[i + 1, j]
+        centres = (squares[:, :, :k] + squares[:, :, 1:]).div_(4).add_(draw())
+        e = _wrap_extend(centres, after=False)  # e[i + 1, j + 1] = centres[(i, j) mod k]
+        tops = (centres + e[:, :k, 1:]).add_(corners).add_(c[:, :k, 1:]).div_(4).add_(draw())
+        lefts = (centres + e[:, 1:, :k]).add_(corners).add_(c[:, 1:, :k]).div_(4).add_(draw())
+        grid = torch.empty(n, 2 * k, 2 * k, dtype=torch.float32, device=u.device)
+        grid[:, 0::2, 0::2] = corners
+        grid[:, 0::2, 1::2] = tops
+        grid[:, 1::2, 0::2] = lefts
+        grid[:, 1::2, 1::2] = centres
+        corners = grid
         wibble /= decay
     m = corners - corners.amin(dim=(1, 2), keepdim=True)
     return m / m.amax(dim=(1, 2), keepdim=True)
+
+
+def _wrap_extend(a: torch.Tensor, after: bool) -> torch.Tensor:
+    """(N, k, k) -> (N, k + 1, k + 1) with the first row and column repeated after
+    the last (``after``) or the last ones before the first (periodic neighbours)."""
+    if after:
+        a = torch.cat([a, a[:, :1]], dim=1)
+        return torch.cat([a, a[:, :, :1]], dim=2)
+    a = torch.cat([a[:, -1:], a], dim=1)
+    return torch.cat([a[:, :, -1:], a], dim=2)
 
 
 _FOG_KEYS = ("strength", "decay")
@@ -353,11 +297,10 @@ def fog(x: torch.Tensor, params: dict, rng: ImageRNG) -> torch.Tensor:
     maximum."""
     n, c, h, w = x.shape
     size = _next_power_of_2(max(h, w))
-    plasma = _plasma_fractal(rng.uniform(size * size - 1), size, params["decay"])
+    plasma = _plasma_fractal(rng.uniform32(size * size - 1), size, params["decay"])  # numpy's uniforms: faster
     strength = params["strength"]
-    plasma = plasma[:, None, :h, :w].to(x.dtype) * strength
     top = x.amax(dim=(1, 2, 3), keepdim=True)
-    return (x + plasma).mul_(top / (top + strength))
+    return x.add_(plasma[:, None, :h, :w], alpha=strength).mul_(top / (top + strength))  # in place on the copy
 
 
 # /////////////// spatter ///////////////
@@ -372,8 +315,8 @@ def _canny(img: torch.Tensor, low: float, high: float) -> torch.Tensor:
     x = F.pad(img.to(torch.float32).unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)
     smooth = torch.tensor([1.0, 2.0, 1.0])
     diff = torch.tensor([-1.0, 0.0, 1.0])
-    dx = _correlate1d(_correlate1d(x, smooth, 1), diff, 2).to(torch.int32)
-    dy = _correlate1d(_correlate1d(x, diff, 1), smooth, 2).to(torch.int32)
+    dx = correlate1d(correlate1d(x, smooth, 1), diff, 2).to(torch.int32)
+    dy = correlate1d(correlate1d(x, diff, 1), smooth, 2).to(torch.int32)
     ax, ay = dx.abs(), dy.abs()
     mag = ax + ay
     p = F.pad(mag, (1, 1, 1, 1))  # zero outside the image, as OpenCV's buffer
@@ -451,7 +394,7 @@ def _box3(x: torch.Tensor) -> torch.Tensor:
     as OpenCV does: the sum in float64, times 1/9."""
     p = F.pad(x.unsqueeze(1), (1, 1, 1, 1), mode="reflect").squeeze(1).double()
     ones = torch.ones(3)
-    total = _correlate1d(_correlate1d(p, ones, 1), ones, 2)
+    total = correlate1d(correlate1d(p, ones, 1), ones, 2)
     return (total * (1.0 / 9)).to(x.dtype)
 
 
@@ -515,7 +458,7 @@ def spatter(x: torch.Tensor, params: dict, rng: ImageRNG) -> torch.Tensor:
     brown patches) from a blurred, thresholded noise layer."""
     n, c, h, w = x.shape
     layer = rng.normal(h, w).to(x.dtype).unsqueeze(1) * params["sigma"] + params["mu"]
-    layer = _gaussian_nearest(layer, params["blur_sigma"])
+    layer = gaussian_filter(layer, params["blur_sigma"])
     threshold = params["threshold"]
     layer = torch.where(layer < threshold, torch.zeros_like(layer), layer).squeeze(1)
     if params["mode"] == 0:
@@ -526,7 +469,7 @@ def spatter(x: torch.Tensor, params: dict, rng: ImageRNG) -> torch.Tensor:
         if c == 1:
             add = _gray(add.clamp(0, 1))
         return x + add
-    m = _gaussian_nearest((layer > threshold).to(x.dtype).unsqueeze(1), params["intensity"])
+    m = gaussian_filter((layer > threshold).to(x.dtype).unsqueeze(1), params["intensity"])
     m = torch.where(m < 0.8, torch.zeros_like(m), m)
     mud = _MUD.to(x).view(1, 3, 1, 1)
     if c == 1:

@@ -1,0 +1,93 @@
+"""The fast paths of the corruption suite give the values of the plain paths.
+
+shot_noise, impulse_noise and zoom_blur have uint8 paths (a lookup table, raw
+generator bits, byte transpositions) that must equal the float path on the same
+images value for value; glass blur draws
+its offsets with ImageRNG.small_randint, which must be exactly uniform; the uint8
+conversion of every corruption is ``np.uint8(255 * clip(y, 0, 1))``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tta.corruptions import PRESETS, corrupt
+from tta.corruptions._registry import to_uint8
+from tta.corruptions._rng import ImageRNG
+from tta.corruptions.noise import _uniform32_threshold
+
+
+def _images(n: int, size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    smooth = torch.nn.functional.interpolate(torch.rand(n, 3, size // 4, size // 4, generator=g), size=(size, size),
+                                             mode="bilinear")
+    x = (smooth * 255).round().to(torch.uint8)
+    x[0, :, :4] = 0  # the extreme levels, where the tables have their edge cases
+    x[0, :, 4:8] = 255
+    return x
+
+
+@pytest.mark.parametrize("name", ["shot_noise", "impulse_noise", "zoom_blur"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_uint8_path_equals_the_float_path(name, preset):
+    x = _images(3, 48, seed=len(preset))  # 48 px: zoom blur interpolates (no matrix)
+    for severity in range(1, 6):
+        fast = corrupt(x, name, severity, preset=preset, seed=3)
+        plain = to_uint8(corrupt(x.double() / 255, name, severity, preset=preset, seed=3).float())
+        assert torch.equal(fast, plain), (name, preset, severity)
+
+
+def test_to_uint8_is_numpys_truncation_of_the_clipped_values():
+    g = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.rand(10_000, generator=g) * 1.4 - 0.2, torch.arange(256) / 255.0,
+                   torch.tensor([0.0, 1.0, -1e-9, 1 + 1e-9])])
+    expected = np.floor(np.clip(y.double().numpy(), 0, 1) * 255 + 1e-3).astype(np.uint8)
+    assert np.array_equal(to_uint8(y.clone()).numpy(), expected)
+    assert np.array_equal(to_uint8(torch.arange(256) / 255.0).numpy(), np.arange(256))  # every level survives
+
+
+@pytest.mark.parametrize("amount", [0.01, 0.015, 0.03, 0.045, 0.135, 0.27, 0.5])
+def test_impulse_threshold_is_the_float32_comparison(amount):
+    # r passes iff numpy's float32 uniform (r >> 8) 2^-24 compares <= amount in torch
+    t = int(_uniform32_threshold(amount))
+    for r in (t - 256, t - 1, t, t + 255):
+        u = torch.tensor((r >> 8) * 2.0**-24, dtype=torch.float32)
+        assert bool(u <= amount) == (r < t), (amount, r, t)
+
+
+@pytest.mark.parametrize("high", [3, 4, 36, 64, 256])
+def test_small_randint_is_uniform_and_deterministic(high):
+    stats = pytest.importorskip("scipy.stats")
+    draws = ImageRNG([5, 6, 7]).small_randint(high, 60_000)
+    assert draws.shape == (3, 60_000) and draws.dtype == torch.uint8
+    assert int(draws.max()) < high
+    counts = np.bincount(draws.numpy().reshape(-1), minlength=high)
+    assert stats.chisquare(counts).pvalue > 1e-4
+    assert torch.equal(draws, ImageRNG([5, 6, 7]).small_randint(high, 60_000))
+    assert torch.equal(draws[1:], ImageRNG([6, 7]).small_randint(high, 60_000))  # per image
+    assert not torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.parametrize("high", [0, 257, 2.0, True])
+def test_small_randint_refuses_bad_ranges(high):
+    with pytest.raises(ValueError, match="invalid high"):
+        ImageRNG([1]).small_randint(high, 10)
+
+
+def test_first_above_is_searchsorted_per_row():
+    from tta.corruptions.noise import _first_above
+
+    rng = np.random.default_rng(0)
+    rows, length = 50, 40
+    values = np.sort(rng.random((rows, length)), axis=1)
+    values[:, -1] = np.inf
+    values[3, 5:9] = values[3, 5]  # ties
+    row = rng.integers(0, rows, 5000)
+    u = rng.random(5000)
+    u[:100] = values[row[:100], 5]  # exactly on a value: counted as below (<=)
+    start = rng.integers(0, 10, 5000)
+    start = np.minimum(start, [np.searchsorted(values[r], x, side="right") for r, x in zip(row, u)])
+    ours = _first_above(values.reshape(-1), row * length + start, row * length + length - 1, u) - row * length
+    expected = np.array([np.searchsorted(values[r], x, side="right") for r, x in zip(row, u)])
+    assert np.array_equal(ours, expected)
