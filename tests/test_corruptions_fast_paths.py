@@ -39,11 +39,18 @@ def test_uint8_path_equals_the_float_path(name, preset):
 
 
 def test_to_uint8_is_numpys_truncation_of_the_clipped_values():
+    # In the input's dtype (float32 for every corruption): numpy's float32 arithmetic,
+    # including values within float32 round-off of a level boundary.
     g = torch.Generator().manual_seed(0)
-    y = torch.cat([torch.rand(10_000, generator=g) * 1.4 - 0.2, torch.arange(256) / 255.0,
+    near = (torch.arange(1, 255, dtype=torch.float64) - 1e-3) / 255  # 255 y + 1e-3 lands on k
+    y = torch.cat([torch.rand(10_000, generator=g) * 1.4 - 0.2, torch.arange(256) / 255.0, near.float(),
                    torch.tensor([0.0, 1.0, -1e-9, 1 + 1e-9])])
-    expected = np.floor(np.clip(y.double().numpy(), 0, 1) * 255 + 1e-3).astype(np.uint8)
-    assert np.array_equal(to_uint8(y.clone()).numpy(), expected)
+    y32 = y.numpy()
+    expected = np.floor(np.clip(y32, np.float32(0), np.float32(1)) * np.float32(255) + np.float32(1e-3))
+    assert np.array_equal(to_uint8(y.clone()).numpy(), expected.astype(np.uint8))
+    y64 = y.double()
+    expected64 = np.floor(np.clip(y64.numpy(), 0, 1) * 255 + 1e-3).astype(np.uint8)
+    assert np.array_equal(to_uint8(y64.clone()).numpy(), expected64)  # float64 in: float64 arithmetic
     assert np.array_equal(to_uint8(torch.arange(256) / 255.0).numpy(), np.arange(256))  # every level survives
 
 
@@ -54,6 +61,12 @@ def test_impulse_threshold_is_the_float32_comparison(amount):
     for r in (t - 256, t - 1, t, t + 255):
         u = torch.tensor((r >> 8) * 2.0**-24, dtype=torch.float32)
         assert bool(u <= amount) == (r < t), (amount, r, t)
+
+
+@pytest.mark.parametrize("amount", [-0.1, 1.0, 1 - 2**-25, 1.5])
+def test_impulse_threshold_refuses_amounts_outside_the_unit_interval(amount):
+    with pytest.raises(ValueError, match="amount"):
+        _uniform32_threshold(amount)
 
 
 @pytest.mark.parametrize("high", [3, 4, 36, 64, 256])

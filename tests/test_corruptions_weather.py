@@ -50,7 +50,8 @@ def _natural_images(n: int, size: int, seed: int) -> torch.Tensor:
 
 
 def run(name: str, x: torch.Tensor, params, seeds) -> torch.Tensor:
-    return get_corruption(name).fn(x, params, ImageRNG(seeds))
+    # A copy, as corrupt() passes: corruption functions may work in place on their input.
+    return get_corruption(name).fn(x.clone(), params, ImageRNG(seeds))
 
 
 # ---------------------------------------------------------------- tables
@@ -96,10 +97,12 @@ def test_image_result_independent_of_batch(name):
     # Each image must use only its own generator (e.g. grouped motion-blur shifts,
     # grouped frost textures): alone or in a batch, the same result.
     x = torch.rand(5, 3, 33, 30)
+    kept = x.clone()
     seeds = image_seeds(3, name, 4, range(5))
     for preset in ("cifar", "imagenet"):
         params = get_corruption(name).params[preset][3]
         batch = run(name, x, params, seeds)
+        assert torch.equal(x, kept)  # every run and preset sees the same images
         for i in range(5):
             alone = run(name, x[i:i + 1], params, seeds[i:i + 1])
             torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-5, rtol=0)

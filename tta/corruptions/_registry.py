@@ -71,7 +71,9 @@ def to_uint8(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Float images (any values) -> uint8 like the reference's ``np.uint8(255 * clip(y, 0, 1))``.
 
     The cast truncates; a tolerance of 1e-3 grey levels keeps float round-off
-    (``k / 255 * 255 = k - 1e-5``) from losing a level. Works in place on ``y``
+    (``k / 255 * 255 = k - 1e-5``) from losing a level. The arithmetic is in ``y``'s
+    dtype (float32 for every corruption), so a value within its round-off of a level
+    boundary lands as that dtype's arithmetic puts it. Works in place on ``y``
     (a fresh tensor) and writes into ``out`` (a uint8 tensor of ``y``'s shape) when
     given. Corruptions that tabulate their uint8 results use this same function, so
     their tables agree with the float path value for value."""

@@ -264,11 +264,17 @@ def _impulse_noise_uint8(x: torch.Tensor, amount: float, rng: ImageRNG) -> torch
 @functools.lru_cache(maxsize=64)
 def _uniform32_threshold(a: float) -> np.uint32:
     """The t with ``(r >> 8) 2^-24 <= a`` (compared as torch compares a float32
-    tensor with the number a) exactly when ``r < t``, for 32-bit r."""
+    tensor with the number a) exactly when ``r < t``, for 32-bit r; ``a`` in
+    [0, 1 - 2^-24) (beyond, every r would pass and t would not fit 32 bits).
+
+    Raises:
+        ValueError: ``a`` outside that range."""
+    if not 0 <= a < 1 - 2.0**-24:
+        raise ValueError(f"impulse amount {a!r} outside [0, 1 - 2^-24)")
     m = min(int(a * 2**24) + 2, 2**24 - 1)
     while m >= 0 and not bool(torch.tensor(m * 2.0**-24, dtype=torch.float32) <= a):
         m -= 1
-    return np.uint32(min((m + 1) << 8, 2**32 - 1))
+    return np.uint32((m + 1) << 8)
 
 
 # uint8 input: the raw-bits path above (same values as the float path).
