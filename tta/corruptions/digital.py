@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tta.corruptions._registry import register_corruption
+from tta.corruptions._registry import register_corruption, to_uint8
 from tta.corruptions._rng import ImageRNG
 
 logger = logging.getLogger(__name__)
@@ -168,8 +168,9 @@ _PLANES_MIN_PIXELS = 64 * 64  # measured crossover of the two paths (1 thread)
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """``uint8`` as is; floats in [0, 1] (the input of a corruption) truncated like ``np.uint8``."""
-    return x if x.dtype == torch.uint8 else x.mul(255.0).add_(1e-3).to(torch.uint8)
+    """``uint8`` as is; floats in [0, 1] (the input of a corruption) as every corruption
+    converts them (:func:`~tta.corruptions._registry.to_uint8`, on a copy)."""
+    return x if x.dtype == torch.uint8 else to_uint8(x.clone())
 
 
 # Pillow works on 8-bit images: for uint8 input, corrupt() calls these functions on

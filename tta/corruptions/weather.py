@@ -237,7 +237,7 @@ def _plasma_fractal(u: torch.Tensor, map_size: int, decay: float) -> torch.Tenso
         (N, map_size, map_size) float32 (the size-generic port computes in float32 too).
     """
     n = u.shape[0]
-    noise = u.to(torch.float32).mul_(2).sub_(1)  # U(-1, 1)
+    noise = u.to(torch.float32).mul(2).sub_(1)  # U(-1, 1), without touching u
     used, wibble = 0, 100.0
     # The map at the current level: the corner grid, contiguous (N, k, k); each
     # level computes the centres and the edge midpoints and writes them, with the
