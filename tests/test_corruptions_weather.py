@@ -123,16 +123,16 @@ def test_gaussians_match_scipy():
         np.testing.assert_allclose(ours.numpy(), ref, atol=1e-12)
 
 
-def test_clipped_zoom_matches_scipy_zoom():
+def test_centre_zoom_of_the_snow_layer_matches_scipy_zoom():
     x = torch.rand(2, 1, 32, 32, dtype=torch.float64)
-    for zoom in (1.25, 1.75, 2.25, 4.5):
+    for zoom in (1, 1.25, 1.75, 2.25, 4.5):
         h = 32
         ch = math.ceil(h / zoom)
         top = (h - ch) // 2
         ref = ndimage.zoom(x[:, 0, top:top + ch, top:top + ch].numpy(), (1, zoom, zoom), order=1)
         trim = (ref.shape[1] - h) // 2
         ref = ref[:, trim:trim + h, trim:trim + h]
-        np.testing.assert_allclose(weather._clipped_zoom(x, zoom)[:, 0].numpy(), ref, atol=1e-10)
+        np.testing.assert_allclose(blur.centre_zoom(x, zoom)[:, 0].numpy(), ref, atol=1e-10)
 
 
 def test_motion_blur_matches_imagecorruptions_per_image():

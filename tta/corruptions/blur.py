@@ -499,7 +499,10 @@ def centre_zoom(x: torch.Tensor, z: float) -> torch.Tensor:
     """The reference's ``clipped_zoom``: crop the centre ``ceil(side / z)``, zoom by z
     (scipy ``zoom(order=1)``: output ``round(side * z)``, bilinear with aligned
     corners), trim the centre back to the input size. Per axis, so any H x W works
-    (the reference assumes square images)."""
+    (the reference assumes square images). Factor 1 returns ``x`` itself: the same
+    crop and size with aligned corners is exactly the identity."""
+    if z == 1:
+        return x
     n, c, h, w = x.shape
     ch, cw = int(math.ceil(h / z)), int(math.ceil(w / z))
     top, left = (h - ch) // 2, (w - cw) // 2

@@ -40,7 +40,7 @@ from scipy import ndimage
 
 from tta.corruptions._registry import register_corruption
 from tta.corruptions._rng import ImageRNG
-from tta.corruptions.blur import correlate1d, gaussian_filter, motion_blur_batch
+from tta.corruptions.blur import centre_zoom, correlate1d, gaussian_filter, motion_blur_batch
 
 __all__ = ["snow", "frost", "fog", "spatter"]
 
@@ -57,24 +57,6 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 # /////////////// snow ///////////////
-
-
-def _clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
-    """Centre crop of size ceil(side / zoom), zoomed back up and trimmed to (H, W).
-
-    Bilinear with ``align_corners=True`` is scipy's ``zoom(order=1)``; the zoomed
-    size is round(crop x zoom), as scipy computes it.
-    """
-    if zoom == 1:
-        return x
-    h, w = x.shape[-2:]
-    ch, cw = math.ceil(h / zoom), math.ceil(w / zoom)
-    top, left = (h - ch) // 2, (w - cw) // 2
-    crop = x[..., top:top + ch, left:left + cw]
-    zh, zw = int(round(ch * zoom)), int(round(cw * zoom))
-    out = F.interpolate(crop, size=(zh, zw), mode="bilinear", align_corners=True)
-    th, tw = (zh - h) // 2, (zw - w) // 2
-    return out[..., th:th + h, tw:tw + w]
 
 
 _SNOW_KEYS = ("mu", "sigma", "zoom", "threshold", "blur_radius", "blur_sigma", "blend")
@@ -102,7 +84,7 @@ def snow(x: torch.Tensor, params: dict, rng: ImageRNG) -> torch.Tensor:
     rotation) added to a greyed, brightened copy of the image."""
     n, c, h, w = x.shape
     layer = rng.normal(h, w).to(x.dtype).unsqueeze(1) * params["sigma"] + params["mu"]
-    layer = _clipped_zoom(layer, params["zoom"])
+    layer = centre_zoom(layer, params["zoom"])
     layer = layer.masked_fill(layer < params["threshold"], 0.0)
     # The reference stores the layer as an 8-bit image before and after the blur.
     layer = layer.clamp_(0, 1).mul_(255).floor_().div_(255)
