@@ -1,7 +1,7 @@
 """The fast paths of the corruption suite give the values of the plain paths.
 
-shot_noise, impulse_noise and zoom_blur have uint8 paths (a lookup table, raw
-generator bits, byte transpositions) that must equal the float path on the same
+shot_noise, impulse_noise, zoom_blur and brightness have uint8 paths (lookup tables,
+raw generator bits, byte transpositions) that must equal the float path on the same
 images value for value; glass blur draws
 its offsets with ImageRNG.small_randint, which must be exactly uniform; the uint8
 conversion of every corruption is ``np.uint8(255 * clip(y, 0, 1))``.
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tta.corruptions import PRESETS, corrupt
-from tta.corruptions._registry import to_uint8
+from tta.corruptions._registry import lookup_pairs, to_uint8
 from tta.corruptions._rng import ImageRNG
 from tta.corruptions.noise import _uniform32_threshold
 
@@ -28,7 +28,7 @@ def _images(n: int, size: int, seed: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("name", ["shot_noise", "impulse_noise", "zoom_blur"])
+@pytest.mark.parametrize("name", ["shot_noise", "impulse_noise", "zoom_blur", "brightness"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_uint8_path_equals_the_float_path(name, preset):
     x = _images(3, 48, seed=len(preset))  # 48 px: zoom blur interpolates (no matrix)
@@ -36,6 +36,35 @@ def test_uint8_path_equals_the_float_path(name, preset):
         fast = corrupt(x, name, severity, preset=preset, seed=3)
         plain = to_uint8(corrupt(x.double() / 255, name, severity, preset=preset, seed=3).float())
         assert torch.equal(fast, plain), (name, preset, severity)
+
+
+def test_brightness_table_covers_every_pixel_kind():
+    # Every (channel byte b, largest byte v) pair with b <= v, black pixels among them,
+    # as RGB pixels (b, v, 0) and (v, 0, b); and every byte of a grey image.
+    v, b = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+    keep = b <= v
+    v, b = v[keep].to(torch.uint8), b[keep].to(torch.uint8)
+    zero = torch.zeros_like(v)
+    rgb = torch.stack([torch.stack([b, v, zero]), torch.stack([v, zero, b])]).view(2, 3, -1, 257)  # 2 x 3 x 128 x 257
+    grey = torch.arange(256, dtype=torch.uint8).view(1, 1, 8, 32).repeat(1, 1, 4, 1)
+    for x in (rgb, grey):
+        for preset in PRESETS:
+            for severity in range(1, 6):
+                fast = corrupt(x, "brightness", severity, preset=preset)
+                plain = to_uint8(corrupt(x.float().div_(255.0), "brightness", severity, preset=preset))
+                assert torch.equal(fast, plain), (tuple(x.shape), preset, severity)
+
+
+def test_lookup_pairs_is_table_indexing():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randint(0, 256, (256, 256), generator=g, dtype=torch.uint8)
+    high = torch.randint(0, 256, (2, 1, 5, 7), generator=g, dtype=torch.uint8)
+    low = torch.randint(0, 256, (2, 3, 5, 7), generator=g, dtype=torch.uint8)
+    expected = np.empty((2, 3, 5, 7), dtype=np.uint8)
+    for i, j, r, c in np.ndindex(*expected.shape):  # written out, one entry at a time
+        expected[i, j, r, c] = table[int(high[i, 0, r, c]), int(low[i, j, r, c])]
+    out = lookup_pairs(table, high, low)  # high broadcasts over the channels
+    assert out.dtype == torch.uint8 and np.array_equal(out.numpy(), expected)
 
 
 def test_to_uint8_is_numpys_truncation_of_the_clipped_values():

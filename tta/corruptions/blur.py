@@ -247,12 +247,14 @@ def motion_blur_batch(x: torch.Tensor, radius: int, sigma: float, angles_deg: to
     # Replicate padding turns the clamped shifts into plain windows of the padded
     # image; adding one window per tap and image beats any batched gather here.
     xp = F.pad(x, (p, p, p, p), mode="replicate") if p else x
-    out = torch.zeros_like(x)
     weights = wts.tolist()
+    # Tap 0 (no shift, every image) starts the sum: its product is the value 0 + w x
+    # that an add to zeros gives, without a pass that writes the zeros.
+    out = torch.mul(xp[:, :, p : p + h, p : p + w], weights[0])
     if n >= _MOTION_GROUP_IMAGES:
         # Many (small) images: those that share a tap's shift are added in one call.
         keys = np.where(valid.numpy(), ((p - dy) * (2 * p + 1) + (p - dx)).numpy(), -1)
-        for i, wt in enumerate(weights):
+        for i, wt in enumerate(weights[1:], 1):
             order = np.argsort(keys[:, i], kind="stable")
             values, starts = np.unique(keys[order, i], return_index=True)
             for key, group in zip(values.tolist(), np.split(order, starts[1:])):
@@ -267,7 +269,7 @@ def motion_blur_batch(x: torch.Tensor, radius: int, sigma: float, angles_deg: to
                     out.index_add_(0, index, xp[window].index_select(0, index), alpha=wt)
         return out
     for img, src, sy, sx, on in zip(out, xp, (p - dy).tolist(), (p - dx).tolist(), valid.tolist()):
-        for i, wt in enumerate(weights):
+        for i, wt in enumerate(weights[1:], 1):
             if not on[i]:
                 break
             img.add_(src[:, sy[i] : sy[i] + h, sx[i] : sx[i] + w], alpha=wt)

