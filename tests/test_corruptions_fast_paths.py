@@ -65,6 +65,8 @@ def test_lookup_pairs_is_table_indexing():
         expected[i, j, r, c] = table[int(high[i, 0, r, c]), int(low[i, j, r, c])]
     out = lookup_pairs(table, high, low)  # high broadcasts over the channels
     assert out.dtype == torch.uint8 and np.array_equal(out.numpy(), expected)
+    one = lookup_pairs(table, high[1, 0, 2, 3], low[1, 2, 2, 3])  # 0-d in, 0-d out
+    assert one.shape == () and int(one) == expected[1, 2, 2, 3]
 
 
 def test_to_uint8_is_numpys_truncation_of_the_clipped_values():

@@ -9,9 +9,11 @@ A corruption function has the signature ``fn(x, params, rng) -> Tensor``:
 * ``rng``: an :class:`~tta.corruptions._rng.ImageRNG` with one stream per image.
 
 It returns a float tensor of the same shape; values may leave [0, 1] (the caller
-clips and converts back to the input dtype). A function that works on 8-bit values
-anyway (Pillow's) may set ``fn.uint8_native = True``: for uint8 input it then gets
-the uint8 batch and returns uint8.
+clips and converts back to the input dtype). A function with an 8-bit path may set
+``fn.uint8_native = True``: for uint8 input it then gets the uint8 batch and returns
+uint8. Two kinds do: those that work on 8-bit values anyway (Pillow's pixelate and
+JPEG), and those whose uint8 path gives the float path's bytes exactly, faster (tables
+or integer arithmetic: shot and impulse noise, zoom blur, brightness).
 """
 from __future__ import annotations
 
@@ -97,5 +99,5 @@ def lookup_pairs(table: torch.Tensor, high: torch.Tensor, low: torch.Tensor) -> 
     of two bytes, tabulated with the float path's own arithmetic."""
     if table.device.type == "cpu" and high.device.type == "cpu" and low.device.type == "cpu":
         index = (high.numpy().astype(np.uint16) << 8) | low.numpy()
-        return torch.from_numpy(table.numpy().reshape(-1).take(index))
-    return table.to(high.device).view(-1)[(high.to(torch.int64) << 8) | low]
+        return torch.from_numpy(np.asarray(table.numpy().reshape(-1).take(index)))  # 0-d: an array, not a scalar
+    return table.to(high.device).reshape(-1)[(high.to(torch.int64) << 8) | low]

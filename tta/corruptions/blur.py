@@ -248,8 +248,9 @@ def motion_blur_batch(x: torch.Tensor, radius: int, sigma: float, angles_deg: to
     # image; adding one window per tap and image beats any batched gather here.
     xp = F.pad(x, (p, p, p, p), mode="replicate") if p else x
     weights = wts.tolist()
-    # Tap 0 (no shift, every image) starts the sum: its product is the value 0 + w x
-    # that an add to zeros gives, without a pass that writes the zeros.
+    # Tap 0 (no shift, every image) starts the sum: its product has the value of 0 + w x,
+    # the first add to zeros, without a pass that writes the zeros (the only difference:
+    # a -0.0 input pixel stays -0.0 where 0 + w x gave +0.0, an equal value).
     out = torch.mul(xp[:, :, p : p + h, p : p + w], weights[0])
     if n >= _MOTION_GROUP_IMAGES:
         # Many (small) images: those that share a tap's shift are added in one call.

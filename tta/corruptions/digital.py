@@ -170,7 +170,7 @@ def _box_upscale_index(size_in: int, size_out: int) -> torch.Tensor | None:
 def _per_image_pil(x: torch.Tensor, fn, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Apply ``fn`` (PIL image -> PIL image of the same mode and of ``size`` = (W, H),
     default the input's) to every image as 8 bits. ``uint8`` in, ``uint8`` out (see
-    ``UINT8_NATIVE``); float in [0, 1] in, float out."""
+    ``uint8_native`` in ``_registry``); float in [0, 1] in, float out."""
     dtype, x = x.dtype, _to_uint8(x)
     n, c, h, w = x.shape
     ow, oh = size or (w, h)
