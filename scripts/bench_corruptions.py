@@ -3,15 +3,16 @@
 Speed: ms per image for every registered corruption (averaged over the chosen
 severities), ours on a batch (32 px: 1000 images, "cifar" preset; 224 px: 32 images,
 "imagenet" preset) against imagecorruptions-imaug image by image on a subset of the
-same images, side by side in this process, with the ratios; plus the time a full
-15 x 5 x 10,000 set of 32-px images would take.
+same images, side by side in this process, with the ratios, at each of the given thread
+counts (``--threads 1 2``: per corruption, the counts alternate round by round); plus the
+time a full 15 x 5 x 10,000 set of 32-px images would take.
 
 Fidelity: at 224 px with the "imagenet" preset on centre crops of scikit-image's
 bundled photographs, per corruption and severity: the mean and 99th percentile of
 |ours - reference| (meaningful for the deterministic corruptions) and the ratio of
 the mean absolute deviations from the clean image (for the random ones).
 
-    PYTHONPATH=. python scripts/bench_corruptions.py [--threads 1] [--skip-fidelity] [--skip-speed]
+    PYTHONPATH=. python scripts/bench_corruptions.py [--threads 1 2] [--skip-fidelity] [--skip-speed]
 
 Needs the optional packages imagecorruptions-imaug and scikit-image (pip install 'tta-bn[reference]').
 """
@@ -77,42 +78,75 @@ def ours(images: np.ndarray, name: str, severity: int, preset: str) -> np.ndarra
     return corrupt(x, name, severity, preset=preset).permute(0, 2, 3, 1).numpy()
 
 
-def speed(names, severities, size: int, batch: int, ref_images: int, preset: str,
-          rounds: int = 1) -> dict[str, tuple[float, float]]:
+def set_threads(n: int) -> None:
+    """``n`` threads for torch and, for the reference, OpenCV's pool and the BLAS pools."""
+    torch.set_num_threads(n)
+    try:
+        import cv2
+
+        cv2.setNumThreads(n)
+    except ImportError:
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)
+    except ImportError:
+        pass
+    torch.zeros(1 << 20).add_(1)  # start torch's thread team outside the timings
+
+
+def speed(names, severities, size: int, batch: int, ref_images: int, preset: str, rounds: int = 1,
+          threads: tuple[int, ...] = (1,)) -> dict[int, dict[str, tuple[float, float]]]:
+    """ms per image, ``{threads: {name: (ours, reference)}}``; per corruption, the thread counts
+    and ours/the reference alternate round by round (shared noise)."""
     images = photos(batch, size)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    reference(images[:2], "glass_blur", 1)  # compile imagecorruptions' numba loop outside the timing
-    corrupt(x[:2], "glass_blur", 1, preset=preset)
-    rows = {}
+    rows: dict[int, dict[str, tuple[float, float]]] = {t: {} for t in threads}
+    label = {t: f"{t} thread{'s' if t > 1 else ''}" for t in threads}
     print(f"\n### {size} px: ours on a batch of {batch} ({preset} preset), imagecorruptions-imaug on "
-          f"{ref_images} images; ms per image, mean over severities {list(severities)}\n")
-    print("| corruption | ours | imagecorruptions-imaug | speed-up |\n|---|---:|---:|---:|")
+          f"{ref_images} images; ms per image, mean over severities {list(severities)}; "
+          f"minimum over {rounds} round(s)\n")
+    head = " | ".join(f"ours, {label[t]} | imagecorruptions-imaug, {label[t]} | speed-up, {label[t]}" for t in threads)
+    print(f"| corruption | {head} |\n|---|" + "---:|---:|---:|" * len(threads))
     for name in names:
-        for s in severities:  # one-time costs (cached kernels, tables, schedules) outside the timing
-            corrupt(x[:2], name, s, preset=preset)
-        best_ours = best_ref = float("inf")
+        for s in severities:  # one-time costs outside the timing: our cached tables, schedules and
+            # textures (the whole batch: frost decodes the textures its images draw), the
+            # reference's lazy imports and numba compilation
+            corrupt(x, name, s, preset=preset)
+            reference(images[:1], name, s)
+        best = {t: [float("inf"), float("inf")] for t in threads}
         for r in range(rounds):  # the minimum over rounds: other jobs only ever add time
-            t_ours = t_ref = 0.0
-            for s in severities:  # ours and the reference alternate (shared noise), first in turn
-                for who in ("ours", "ref") if (r + s) % 2 == 0 else ("ref", "ours"):
-                    t = time.perf_counter()
-                    if who == "ours":
-                        corrupt(x, name, s, preset=preset)
-                        t_ours += (time.perf_counter() - t) / batch
-                    else:
-                        reference(images[:ref_images], name, s)
-                        t_ref += (time.perf_counter() - t) / ref_images
-            best_ours, best_ref = min(best_ours, t_ours), min(best_ref, t_ref)
-        t_ours, t_ref = 1e3 * best_ours / len(severities), 1e3 * best_ref / len(severities)
-        rows[name] = (t_ours, t_ref)
-        print(f"| {name} | {t_ours:.3f} | {t_ref:.2f} | {t_ref / t_ours:.1f}x |", flush=True)
+            for t in threads if r % 2 == 0 else threads[::-1]:
+                set_threads(t)
+                t_ours = t_ref = 0.0
+                for s in severities:  # ours and the reference alternate, first in turn
+                    for who in ("ours", "ref") if (r + s) % 2 == 0 else ("ref", "ours"):
+                        start = time.perf_counter()
+                        if who == "ours":
+                            corrupt(x, name, s, preset=preset)
+                            t_ours += (time.perf_counter() - start) / batch
+                        else:
+                            reference(images[:ref_images], name, s)
+                            t_ref += (time.perf_counter() - start) / ref_images
+                best[t] = [min(best[t][0], t_ours), min(best[t][1], t_ref)]
+        cells = []
+        for t in threads:
+            ours_ms, ref_ms = (1e3 * v / len(severities) for v in best[t])
+            rows[t][name] = (ours_ms, ref_ms)
+            cells.append(f"{ours_ms:.3f} | {ref_ms:.2f} | {ref_ms / ours_ms:.1f}x")
+        print(f"| {name} | {' | '.join(cells)} |", flush=True)
     for title, group in (("the 15", CORRUPTIONS), ("all 19", CORRUPTIONS + EXTRA_CORRUPTIONS)):
-        if all(n in rows for n in group):
-            a, b = sum(rows[n][0] for n in group), sum(rows[n][1] for n in group)
-            print(f"| **sum of {title}** | {a:.2f} | {b:.1f} | {b / a:.1f}x |")
-    if all(n in rows for n in CORRUPTIONS) and size == 32:
-        total = sum(rows[n][0] for n in CORRUPTIONS) * 5 * 10_000 / 1e3
-        print(f"\nFull 15 x 5 x 10,000 set of 32-px images (ours): {total:.0f} s = {total / 60:.1f} min")
+        if all(n in rows[threads[0]] for n in group):
+            cells = []
+            for t in threads:
+                a, b = sum(rows[t][n][0] for n in group), sum(rows[t][n][1] for n in group)
+                cells.append(f"{a:.2f} | {b:.1f} | {b / a:.1f}x")
+            print(f"| **sum of {title}** | {' | '.join(cells)} |")
+    if all(n in rows[threads[0]] for n in CORRUPTIONS) and size == 32:
+        for t in threads:
+            total = sum(rows[t][n][0] for n in CORRUPTIONS) * 5 * 10_000 / 1e3
+            print(f"\nFull 15 x 5 x 10,000 set of 32-px images (ours, {label[t]}): {total:.0f} s = {total / 60:.1f} min")
     return rows
 
 
@@ -137,42 +171,49 @@ def fidelity(names, n_images: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=1,
-                   help="threads of torch, and of OpenCV and BLAS for the reference (default 1)")
-    p.add_argument("--names", nargs="*", default=None, help="corruptions (default: all registered)")
-    p.add_argument("--severities", type=int, nargs="*", default=[1, 2, 3, 4, 5])
+    p.add_argument("--threads", type=int, nargs="+", default=[1],
+                   help="thread counts of torch, and of OpenCV and BLAS for the reference, measured "
+                        "side by side per corruption (default 1; e.g. --threads 1 2)")
+    p.add_argument("--names", nargs="+", default=None, help="corruptions (default: all registered)")
+    p.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--batch32", type=int, default=1000)
     p.add_argument("--batch224", type=int, default=32)
     p.add_argument("--ref32", type=int, default=100, help="images for the reference at 32 px")
     p.add_argument("--ref224", type=int, default=8, help="images for the reference at 224 px")
     p.add_argument("--fidelity-images", type=int, default=4)
     p.add_argument("--rounds", type=int, default=1, help="timed rounds per corruption (the minimum is shown)")
-    p.add_argument("--sizes", type=int, nargs="*", default=[32, 224], choices=[32, 224])
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 224], choices=[32, 224])
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-fidelity", action="store_true")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    # The reference gets the same number of threads: OpenCV's pool and the BLAS pools.
-    try:
-        import cv2
-
-        cv2.setNumThreads(args.threads)
-    except ImportError:
-        pass
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(args.threads)
-    except ImportError:
-        pass
+    if any(t < 1 for t in args.threads) or len(set(args.threads)) != len(args.threads):
+        p.error(f"--threads {args.threads}: give distinct thread counts of at least 1")
     order = [n for n in CORRUPTIONS + EXTRA_CORRUPTIONS if n in registered_corruptions()]
     names = args.names or order
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    unknown = [n for n in names if n not in order]
+    if unknown:
+        p.error(f"unknown corruption(s) {unknown}; valid choices: {', '.join(order)}")
+    if len(set(names)) != len(names):
+        p.error(f"--names {names}: each corruption once")
+    if any(s not in (1, 2, 3, 4, 5) for s in args.severities) or not args.severities:
+        p.error(f"--severities {args.severities}: valid choices are 1 to 5")
+    for option in ("rounds", "batch32", "batch224", "ref32", "ref224"):
+        if getattr(args, option) < 1:
+            p.error(f"--{option} {getattr(args, option)}: it must be at least 1")
+    for size in [] if args.skip_speed else args.sizes:
+        batch, ref = getattr(args, f"batch{size}"), getattr(args, f"ref{size}")
+        if ref > batch:  # the reference runs on the first images of our batch
+            p.error(f"--ref{size} {ref}: it must not exceed --batch{size} ({batch})")
+    if not 1 <= args.fidelity_images <= len(PHOTOS):
+        p.error(f"--fidelity-images {args.fidelity_images}: valid choices are 1 to {len(PHOTOS)}")
+    set_threads(args.threads[0])
+    print(f"torch {torch.__version__}, thread counts {args.threads}")
     if not args.skip_speed:
         if 32 in args.sizes:
-            speed(names, args.severities, 32, args.batch32, args.ref32, "cifar", args.rounds)
+            speed(names, args.severities, 32, args.batch32, args.ref32, "cifar", args.rounds, tuple(args.threads))
         if 224 in args.sizes:
-            speed(names, args.severities, 224, args.batch224, args.ref224, "imagenet", args.rounds)
+            speed(names, args.severities, 224, args.batch224, args.ref224, "imagenet", args.rounds,
+                  tuple(args.threads))
     if not args.skip_fidelity:
         fidelity(names, args.fidelity_images)
 
