@@ -4,7 +4,7 @@ Speed: ms per image for every registered corruption (averaged over the chosen
 severities), ours on a batch (32 px: 1000 images, "cifar" preset; 224 px: 32 images,
 "imagenet" preset) against imagecorruptions-imaug image by image on a subset of the
 same images, side by side in this process, with the ratios, at each of the given thread
-counts (``--threads 1 2``: per corruption, the counts alternate round by round); plus the
+counts (``--threads 1 2``: the counts alternate by round and by corruption); plus the
 time a full 15 x 5 x 10,000 set of 32-px images would take.
 
 Fidelity: at 224 px with the "imagenet" preset on centre crops of scikit-image's
@@ -89,17 +89,17 @@ def set_threads(n: int) -> None:
         pass
     try:
         from threadpoolctl import threadpool_limits
-
+    except ImportError:  # part of the `reference` extra
+        warnings.warn("threadpoolctl is missing: the reference's BLAS pools keep their own thread counts")
+    else:
         threadpool_limits(n)
-    except ImportError:
-        pass
     torch.zeros(1 << 20).add_(1)  # start torch's thread team outside the timings
 
 
 def speed(names, severities, size: int, batch: int, ref_images: int, preset: str, rounds: int = 1,
           threads: tuple[int, ...] = (1,)) -> dict[int, dict[str, tuple[float, float]]]:
-    """ms per image, ``{threads: {name: (ours, reference)}}``; per corruption, the thread counts
-    and ours/the reference alternate round by round (shared noise)."""
+    """ms per image, ``{threads: {name: (ours, reference)}}``. The thread counts alternate by round
+    and by corruption, ours and the reference by round, corruption and severity (shared noise)."""
     images = photos(batch, size)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     rows: dict[int, dict[str, tuple[float, float]]] = {t: {} for t in threads}
@@ -109,7 +109,7 @@ def speed(names, severities, size: int, batch: int, ref_images: int, preset: str
           f"minimum over {rounds} round(s)\n")
     head = " | ".join(f"ours, {label[t]} | imagecorruptions-imaug, {label[t]} | speed-up, {label[t]}" for t in threads)
     print(f"| corruption | {head} |\n|---|" + "---:|---:|---:|" * len(threads))
-    for name in names:
+    for i, name in enumerate(names):
         for s in severities:  # one-time costs outside the timing: our cached tables, schedules and
             # textures (the whole batch: frost decodes the textures its images draw), the
             # reference's lazy imports and numba compilation
@@ -117,11 +117,12 @@ def speed(names, severities, size: int, batch: int, ref_images: int, preset: str
             reference(images[:1], name, s)
         best = {t: [float("inf"), float("inf")] for t in threads}
         for r in range(rounds):  # the minimum over rounds: other jobs only ever add time
-            for t in threads if r % 2 == 0 else threads[::-1]:
+            # the thread counts alternate by round and by corruption (so even one round has no fixed order)
+            for t in threads if (r + i) % 2 == 0 else threads[::-1]:
                 set_threads(t)
                 t_ours = t_ref = 0.0
-                for s in severities:  # ours and the reference alternate, first in turn
-                    for who in ("ours", "ref") if (r + s) % 2 == 0 else ("ref", "ours"):
+                for j, s in enumerate(severities):  # ours and the reference alternate, first in turn
+                    for who in ("ours", "ref") if (r + i + j) % 2 == 0 else ("ref", "ours"):
                         start = time.perf_counter()
                         if who == "ours":
                             corrupt(x, name, s, preset=preset)
@@ -146,7 +147,8 @@ def speed(names, severities, size: int, batch: int, ref_images: int, preset: str
     if all(n in rows[threads[0]] for n in CORRUPTIONS) and size == 32:
         for t in threads:
             total = sum(rows[t][n][0] for n in CORRUPTIONS) * 5 * 10_000 / 1e3
-            print(f"\nFull 15 x 5 x 10,000 set of 32-px images (ours, {label[t]}): {total:.0f} s = {total / 60:.1f} min")
+            print(f"\nFull 15 x 5 x 10,000 set of 32-px images (ours, {label[t]}, at the ms per image of "
+                  f"batches of {batch}): {total:.0f} s = {total / 60:.1f} min")
     return rows
 
 
@@ -173,7 +175,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1],
                    help="thread counts of torch, and of OpenCV and BLAS for the reference, measured "
-                        "side by side per corruption (default 1; e.g. --threads 1 2)")
+                        "side by side per corruption (default 1; e.g. --threads 1 2); the fidelity "
+                        "part runs at the first")
     p.add_argument("--names", nargs="+", default=None, help="corruptions (default: all registered)")
     p.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--batch32", type=int, default=1000)
@@ -195,16 +198,17 @@ def main() -> None:
         p.error(f"unknown corruption(s) {unknown}; valid choices: {', '.join(order)}")
     if len(set(names)) != len(names):
         p.error(f"--names {names}: each corruption once")
-    if any(s not in (1, 2, 3, 4, 5) for s in args.severities) or not args.severities:
-        p.error(f"--severities {args.severities}: valid choices are 1 to 5")
-    for option in ("rounds", "batch32", "batch224", "ref32", "ref224"):
-        if getattr(args, option) < 1:
-            p.error(f"--{option} {getattr(args, option)}: it must be at least 1")
-    for size in [] if args.skip_speed else args.sizes:
-        batch, ref = getattr(args, f"batch{size}"), getattr(args, f"ref{size}")
-        if ref > batch:  # the reference runs on the first images of our batch
-            p.error(f"--ref{size} {ref}: it must not exceed --batch{size} ({batch})")
-    if not 1 <= args.fidelity_images <= len(PHOTOS):
+    if any(s not in (1, 2, 3, 4, 5) for s in args.severities) or len(set(args.severities)) != len(args.severities):
+        p.error(f"--severities {args.severities}: valid choices are 1 to 5, each once")
+    if not args.skip_speed:
+        for option in ("rounds", *(f"{kind}{size}" for size in args.sizes for kind in ("batch", "ref"))):
+            if getattr(args, option) < 1:
+                p.error(f"--{option} {getattr(args, option)}: it must be at least 1")
+        for size in args.sizes:
+            batch, ref = getattr(args, f"batch{size}"), getattr(args, f"ref{size}")
+            if ref > batch:  # the reference runs on the first images of our batch
+                p.error(f"--ref{size} {ref}: it must not exceed --batch{size} ({batch})")
+    if not args.skip_fidelity and not 1 <= args.fidelity_images <= len(PHOTOS):
         p.error(f"--fidelity-images {args.fidelity_images}: valid choices are 1 to {len(PHOTOS)}")
     set_threads(args.threads[0])
     print(f"torch {torch.__version__}, thread counts {args.threads}")
