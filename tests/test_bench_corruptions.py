@@ -15,6 +15,8 @@ import torch
 
 from tta.corruptions import CORRUPTIONS
 
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_corruptions.py"
 
 
 def _needs_reference() -> None:
@@ -22,9 +24,6 @@ def _needs_reference() -> None:
     checks need neither."""
     pytest.importorskip("imagecorruptions", reason="needs the optional imagecorruptions-imaug package")
     pytest.importorskip("skimage.data")
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "bench_corruptions.py"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
